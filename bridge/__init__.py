@@ -12,6 +12,26 @@ Example:
 """
 
 from ._src.config import BIAS_MODES, CONFIG_NAME, PEFT_TYPE, FourierFTConfig
+from ._src.peft_format import (
+    KEY_PREFIX,
+    SAFETENSORS_METADATA,
+    SPECTRUM_NAME,
+    WEIGHTS_NAME,
+    AdapterFormatError,
+    AdapterKey,
+    adapter_directory,
+    adapter_keys,
+    atomic_directory,
+    check_adapter_shapes,
+    config_for_saving,
+    list_adapters,
+    modules_to_save_names,
+    read_adapter,
+    read_shapes,
+    spectrum_key,
+    weights_path,
+    write_adapter,
+)
 from ._src.positions import randperm_prefix, spectral_indices
 from ._src.reference import adapted_linear, delta_weight, dense_spectrum
 from ._src.targets import (
@@ -30,6 +50,24 @@ from ._src.targets import (
 
 __all__ = [
     "ALL_LINEAR",
+    "KEY_PREFIX",
+    "SAFETENSORS_METADATA",
+    "SPECTRUM_NAME",
+    "WEIGHTS_NAME",
+    "AdapterFormatError",
+    "AdapterKey",
+    "adapter_directory",
+    "adapter_keys",
+    "atomic_directory",
+    "check_adapter_shapes",
+    "config_for_saving",
+    "list_adapters",
+    "modules_to_save_names",
+    "read_adapter",
+    "read_shapes",
+    "spectrum_key",
+    "weights_path",
+    "write_adapter",
     "BIAS_MODES",
     "CONFIG_NAME",
     "CONV1D",
