@@ -78,7 +78,10 @@ class FourierFTConfig:
             self.layers_to_transform = [_int(i, "layers_to_transform") for i in self.layers_to_transform]
         elif self.layers_to_transform is not None:
             self.layers_to_transform = _int(self.layers_to_transform, "layers_to_transform")
-        self.n_frequency_pattern = dict(self.n_frequency_pattern or {})
+        if self.n_frequency_pattern is None:
+            self.n_frequency_pattern = {}
+        elif isinstance(self.n_frequency_pattern, dict):  # anything else is rejected by validate()
+            self.n_frequency_pattern = dict(self.n_frequency_pattern)
         self.validate()
 
     def validate(self) -> None:
@@ -86,9 +89,13 @@ class FourierFTConfig:
         _positive_int(self.n_frequency, "n_frequency")
         if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)):
             raise ValueError(f"FourierFTConfig: `scaling` must be a number, got {self.scaling!r}")
-        if isinstance(self.random_loc_seed, bool) or not isinstance(self.random_loc_seed, int):
+        if (
+            isinstance(self.random_loc_seed, bool)
+            or not isinstance(self.random_loc_seed, int)
+            or not -(2**63) <= self.random_loc_seed < 2**64
+        ):
             raise ValueError(
-                f"FourierFTConfig: `random_loc_seed` must be an integer (the seed of the spectral positions), "
+                f"FourierFTConfig: `random_loc_seed` must be a 64-bit integer (the seed of the spectral positions), "
                 f"got {self.random_loc_seed!r}"
             )
         if self.bias not in BIAS_MODES:

@@ -18,7 +18,7 @@ import numpy as np
 
 # torch switches algorithm at `n >= 0xFFFFFFFF // 20` (aten/src/ATen/native/cpu/randperm kernels).
 INSIDE_OUT_THRESHOLD = 0xFFFFFFFF // 20
-_CHUNK = 1 << 22  # draws per chunk of the streamed branch: 4M draws = 64 MiB of temporaries
+_CHUNK = 1 << 20  # draws per chunk of the streamed branch: about 70 MB of numpy temporaries at peak
 
 
 def _mt19937(seed: int) -> np.random.MT19937:
@@ -38,7 +38,9 @@ def randperm_prefix(total: int, count: int, seed: int) -> np.ndarray:
         >>> randperm_prefix(10, 4, seed=777).tolist()  # torch.randperm(10, ...)[:4]
         [5, 9, 0, 3]
     """
-    total, count = int(total), int(count)
+    total, count, seed = int(total), int(count), int(seed)
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"randperm_prefix: seed must fit in 64 bits as torch requires, got {seed}")
     if total <= 0:
         raise ValueError(f"randperm_prefix: total must be positive, got {total}")
     if not 0 < count <= total:

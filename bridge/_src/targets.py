@@ -18,6 +18,7 @@ LINEAR = "linear"  # torch nn.Linear, Flax Dense kernel: weight (out, in) in tor
 CONV1D = "conv1d"  # transformers Conv1D: weight stored (in, out), i.e. fan_in_fan_out
 SUPPORTED_KINDS = (LINEAR, CONV1D)
 ALL_LINEAR = "all-linear"
+_SEQ_CLS_HEADS = ("classifier", "score")  # PEFT's PeftModelForSequenceClassification head names
 
 # PEFT's TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING (PEFT 0.21): LoRA's defaults, except GPT-2 and
 # GPT-BigCode, whose fused `c_attn` gets `mlp.c_proj` instead.
@@ -174,7 +175,14 @@ def is_excluded(config: FourierFTConfig, name: str) -> bool:
     """True if ``exclude_modules`` or ``modules_to_save`` keep the module ``name`` from being adapted."""
     if config.exclude_modules and _matches_names(config.exclude_modules, name):
         return True
-    return any(re.match(rf"(^|.*\.){module}($|\..*)", name) for module in config.modules_to_save or ())
+    return any(re.match(rf"(^|.*\.){module}($|\..*)", name) for module in _modules_to_save(config))
+
+
+def _modules_to_save(config: FourierFTConfig) -> list[str]:
+    # PeftModelForSequenceClassification appends its head names to modules_to_save *before* injecting the adapter,
+    # so with task_type="SEQ_CLS" they are never adapted (the other task types append them afterwards).
+    heads = list(_SEQ_CLS_HEADS) if config.task_type == "SEQ_CLS" else []
+    return list(config.modules_to_save or ()) + heads
 
 
 def is_targeted(config: FourierFTConfig, name: str, target_modules: Union[list[str], str, None] = None) -> bool:
@@ -189,7 +197,8 @@ def is_targeted(config: FourierFTConfig, name: str, target_modules: Union[list[s
         return False
     if not _matches_names(targets, name):
         return False
-    if isinstance(targets, str) or config.layers_to_transform is None:
+    # PEFT applies layers_to_transform only to suffix matches: an entry equal to the full name always matches.
+    if isinstance(targets, str) or name in targets or config.layers_to_transform is None:
         return True
     wanted = config.layers_to_transform
     if isinstance(wanted, list) and not wanted:
