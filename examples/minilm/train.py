@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=8, help="tokens per entry (99%% of entries fit in 7)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
+    parser.add_argument("--max-train", type=int, default=None, help="train on at most this many entries")
     parser.add_argument("--max-eval", type=int, default=None, help="evaluate on at most this many entries")
     parser.add_argument("--methods", default="fourierft,lora,head", help="comma-separated subset to train")
     parser.add_argument("--n-frequency", type=int, default=1000)
@@ -211,8 +212,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, split in raw.items():
         ids, mask = tokenize(tokenizer, split.texts, args.max_length)
         labels = split.labels
-        if name != "train" and args.max_eval:
-            ids, mask, labels = ids[: args.max_eval], mask[: args.max_eval], labels[: args.max_eval]
+        limit = args.max_train if name == "train" else args.max_eval
+        if limit:
+            ids, mask, labels = ids[:limit], mask[:limit], labels[:limit]
         splits[name] = (ids, mask, labels)
     print(f"VADER polarity: {', '.join(f'{k} {len(v[0])}' for k, v in splits.items())} entries; outputs in {out}")
 

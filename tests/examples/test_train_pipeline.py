@@ -13,7 +13,7 @@ import train  # noqa: E402  (examples/minilm, put on sys.path by conftest)
 def test_pipeline_exports_an_adapter_that_peft_runs_identically(tmp_path):
     out = tmp_path / "run"
     report = train.main([
-        "--out", str(out), "--epochs", "2", "--max-steps", "3", "--batch-size", "16", "--max-eval", "64",
+        "--out", str(out), "--epochs", "2", "--max-steps", "3", "--batch-size", "16", "--max-eval", "64", "--max-train", "256",
         "--methods", "fourierft,head", "--n-frequency", "64",
     ])
     fourier = report["results"]["fourierft"]
