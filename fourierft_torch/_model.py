@@ -1,0 +1,510 @@
+"""``FourierFTModel``: FourierFT adapters on a torch model, with PEFT's API names and PEFT's file format.
+
+Which layers are adapted comes from ``bridge.select_targets`` (PEFT's rules), positions from
+``bridge.spectral_indices``, file layout and validation from ``bridge``'s PEFT format module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+import bridge
+from bridge._src.peft_format import MODULE, ORIGINAL, SPECTRUM
+
+from ._layer import FourierFTLinear, layer_kind, layer_shape
+from ._modules_to_save import ModulesToSaveWrapper, unwrap
+
+# PEFT's PeftModelFor<task> add these to `modules_to_save` (PEFT 0.21, peft_model.py).
+_TASK_MODULES = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
+
+
+def _split(name: str) -> tuple[str, str]:
+    parent, _, child = name.rpartition(".")
+    return parent, child
+
+
+class FourierFTModel(nn.Module):
+    """A model with FourierFT adapters; ``forward`` runs the wrapped model.
+
+    Args:
+        model: the base model (modified in place: target layers are wrapped).
+        config: the first adapter's ``FourierFTConfig``.
+        adapter_name: its name.
+
+    Example:
+        >>> import fourierft_torch
+        >>> base = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> model = fourierft_torch.get_fourierft_model(base, fourierft_torch.FourierFTConfig(n_frequency=6, target_modules=["0"]))
+        >>> model.get_nb_trainable_parameters()
+        (6, 64)
+    """
+
+    def __init__(self, model: nn.Module, config: bridge.FourierFTConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, bridge.FourierFTConfig] = {}
+        self.active_adapter = adapter_name
+        self.add_adapter(adapter_name, config)
+
+    # ------------------------------------------------------------------ structure
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def _fourier_layers(self) -> dict[str, FourierFTLinear]:
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, FourierFTLinear)}
+
+    def _wrappers(self) -> dict[str, ModulesToSaveWrapper]:
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+
+    def _logical_modules(self) -> list[bridge.ModuleInfo]:
+        """The base model's modules as ``bridge.ModuleInfo``, seen through our wrappers (PEFT names)."""
+        infos: list[bridge.ModuleInfo] = []
+
+        def visit(prefix: str, module: nn.Module) -> None:
+            if isinstance(module, FourierFTLinear):
+                module = module.base_layer
+            elif isinstance(module, ModulesToSaveWrapper):
+                module = module.original_module
+            if prefix:
+                kind = layer_kind(module)
+                shape = layer_shape(module) if kind is not None and module.weight.dim() == 2 else None
+                infos.append(bridge.ModuleInfo(prefix, kind or type(module).__name__, shape))
+            for name, child in module.named_children():
+                visit(f"{prefix}.{name}" if prefix else name, child)
+
+        visit("", self.model)
+        return infos
+
+    def _logical_state(self) -> dict[str, torch.Tensor]:
+        """The base model's state dict in its own naming (``lin0.bias``), tensors shared with the live model."""
+        layers, wrappers = set(self._fourier_layers()), set(self._wrappers())
+        state: dict[str, torch.Tensor] = {}
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            logical = self._to_logical(key, layers, wrappers)
+            if logical is not None:
+                state[logical] = value
+        return state
+
+    @staticmethod
+    def _to_logical(key: str, layers: set[str], wrappers: set[str]) -> Optional[str]:
+        parts = key.split(".")
+        out: list[str] = []
+        i = 0
+        while i < len(parts):
+            out.append(parts[i])
+            here = ".".join(out)
+            if here in layers:
+                nxt = parts[i + 1] if i + 1 < len(parts) else None
+                if nxt == "fourierft_spectrum":
+                    return None
+                if nxt == "base_layer":
+                    i += 2
+                    continue
+            if here in wrappers:
+                nxt = parts[i + 1] if i + 1 < len(parts) else None
+                if nxt == "modules_to_save":
+                    return None
+                if nxt == "original_module":
+                    i += 2
+                    continue
+            i += 1
+        return ".".join(out)
+
+    def _model_type(self) -> Optional[str]:
+        config = getattr(self.model, "config", None)
+        return getattr(config, "model_type", None)
+
+    def _output_layer(self) -> Optional[str]:
+        getter = getattr(self.model, "get_output_embeddings", None)
+        if getter is None:
+            return None
+        try:
+            output = getter()
+        except Exception:
+            return None
+        for name, module in self.model.named_modules():
+            if module is output:
+                return name
+        return None
+
+    # ------------------------------------------------------------------ planning (no mutation)
+    def _plan_adapter(
+        self, config: bridge.FourierFTConfig
+    ) -> tuple[bridge.FourierFTConfig, list[bridge.TargetLayer], list[str]]:
+        config = dataclasses.replace(config)
+        extra = _TASK_MODULES.get(str(config.task_type).upper()) if config.task_type else None
+        if extra:
+            config.modules_to_save = list(config.modules_to_save or []) + [
+                name for name in extra if name not in (config.modules_to_save or [])
+            ]
+        infos = self._logical_modules()
+        targets = bridge.select_targets(
+            config, infos, model_type=self._model_type(), output_layer=self._output_layer()
+        )
+        # PEFT flips the config's flag to fit each layer it creates; the last one wins in the saved config.
+        config.fan_in_fan_out = targets[-1].kind == bridge.CONV1D
+        saved = bridge.modules_to_save_names(config, [info.name for info in infos])
+        return config, targets, saved
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, config: bridge.FourierFTConfig) -> None:
+        """Add adapter ``adapter_name`` (not made active unless it is the first one)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
+        if not isinstance(config, bridge.FourierFTConfig):
+            raise TypeError(f"expected a FourierFTConfig, got {type(config).__name__}")
+        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            raise ValueError(
+                "FourierFTModel supports only 1 adapter with bias. When using multiple adapters, set bias to "
+                "'none' for all adapters."
+            )
+        config, targets, saved = self._plan_adapter(config)
+        self._inject(adapter_name, config, targets, saved)
+
+    def _inject(
+        self, adapter_name: str, config: bridge.FourierFTConfig, targets: list[bridge.TargetLayer], saved: list[str]
+    ) -> None:
+        self.peft_config[adapter_name] = config
+        for target in targets:
+            module = self.model.get_submodule(target.name)
+            if isinstance(module, FourierFTLinear):
+                module.update_layer(adapter_name, target.n_frequency, config)
+                continue
+            new = FourierFTLinear(
+                module, adapter_name, config, target.n_frequency, fan_in_fan_out=target.kind == bridge.CONV1D
+            )
+            self._replace(target.name, new)
+        for name in saved:
+            module = self.model.get_submodule(name)
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            else:
+                self._replace(name, ModulesToSaveWrapper(module, adapter_name))
+        self._refresh()
+
+    def _replace(self, name: str, new: nn.Module) -> None:
+        parent_name, child = _split(name)
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, child, new)
+
+    def _refresh(self) -> None:
+        """Apply PEFT's trainability rules for the active adapter(s)."""
+        active = self.active_adapter
+        config = self.peft_config.get(active)
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        trainable = config is not None and not config.inference_mode
+        for layer in self._fourier_layers().values():
+            layer.active_adapters = [active]
+            for name, spectrum in layer.fourierft_spectrum.items():
+                spectrum.requires_grad_(trainable and name == active)
+        if trainable and config.bias == "all":
+            for name, param in self.model.named_parameters():
+                if (name == "bias" or name.endswith(".bias")) and ".fourierft_spectrum." not in name:
+                    param.requires_grad_(True)
+        elif trainable and config.bias == "fourier_only":
+            for layer in self._fourier_layers().values():
+                if active in layer.fourierft_spectrum and getattr(layer.base_layer, "bias", None) is not None:
+                    layer.base_layer.bias.requires_grad_(True)
+        for wrapper in self._wrappers().values():
+            wrapper.set_adapter(active, trainable=trainable)
+            wrapper.original_module.requires_grad_(False)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active (and trainable) adapter."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        self.active_adapter = adapter_name
+        self._refresh()
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; if it was active, the first remaining one becomes active."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        for name, layer in self._fourier_layers().items():
+            if adapter_name in layer.merged_adapters:
+                raise ValueError(f"adapter {adapter_name!r} is merged into {name}; unmerge it before deleting")
+        for name, layer in self._fourier_layers().items():
+            for store in (layer.fourierft_n_frequency, layer.fourierft_scaling, layer.fourierft_random_loc_seed,
+                          layer.indices, layer._plans):
+                store.pop(adapter_name, None)
+            if adapter_name in layer.fourierft_spectrum:
+                del layer.fourierft_spectrum[adapter_name]
+            if not layer.fourierft_spectrum:
+                self._replace(name, layer.base_layer)
+        for name, wrapper in self._wrappers().items():
+            if adapter_name in wrapper.modules_to_save:
+                del wrapper.modules_to_save[adapter_name]
+            if not len(wrapper.modules_to_save):
+                self._replace(name, wrapper.original_module)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config), None)
+        self._refresh()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: inside it the model computes the base model's output.
+
+        Example:
+            >>> import fourierft_torch
+            >>> base = nn.Sequential(nn.Linear(4, 4))
+            >>> model = fourierft_torch.get_fourierft_model(base, fourierft_torch.FourierFTConfig(n_frequency=3, target_modules=["0"]))
+            >>> x = torch.randn(1, 4)
+            >>> with model.disable_adapter():
+            ...     same = torch.equal(model(x), base[0].base_layer(x))
+            >>> same
+            True
+        """
+        modules = list(self._fourier_layers().values()) + list(self._wrappers().values())
+        previous = [m.disable_adapters for m in modules]
+        for module in modules:
+            module.disable_adapters = True
+        try:
+            yield
+        finally:
+            for module, flag in zip(modules, previous):
+                module.disable_adapters = flag
+
+    # ------------------------------------------------------------------ merging
+    def _check_finite(self, adapter_names: Optional[Sequence[str]]) -> None:
+        for name, layer in self._fourier_layers().items():
+            weight = layer.base_layer.weight
+            for adapter in adapter_names or layer.active_adapters:
+                if adapter in layer.fourierft_spectrum and adapter not in layer.merged_adapters:
+                    merged = weight.detach() + layer._weight_delta(adapter).to(weight.dtype)
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(
+                            f"NaNs detected in the merged weights of {name}. The adapter {adapter} seems to be broken;"
+                            f" no weight was changed"
+                        )
+
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """Merge the active (or named) adapters into the base weights; ``unmerge_adapter`` undoes it."""
+        if safe_merge:
+            self._check_finite(adapter_names)
+        for layer in self._fourier_layers().values():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights."""
+        for layer in self._fourier_layers().values():
+            if layer.merged:
+                layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[list[str]] = None
+    ) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain base model (no overhead left).
+
+        ``safe_merge`` checks every layer for NaN/inf before changing any weight.
+        """
+        if safe_merge:
+            self._check_finite(adapter_names)
+        return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the base model."""
+        return self._unload(merge=False)
+
+    def _unload(
+        self,
+        merge: bool,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        layers = list(self._fourier_layers().items())
+        iterator: Any = layers
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(layers, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for name, layer in iterator:
+            if merge:
+                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            self._replace(name, layer.base_layer)
+        for name, wrapper in self._wrappers().items():
+            self._replace(name, unwrap(wrapper))
+        return self.model
+
+    # ------------------------------------------------------------------ counting
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable parameters, all parameters)``, counted as PEFT does (adapter copies included)."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line ``trainable params: ... || all params: ... || trainable%: ...``."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    # ------------------------------------------------------------------ files
+    def _adapter_keys(
+        self, config: bridge.FourierFTConfig, targets: list[bridge.TargetLayer], saved: list[str]
+    ) -> list[bridge.AdapterKey]:
+        shapes = {name: tuple(t.shape) for name, t in self._logical_state().items()}
+        adapted = sorted(set(self._fourier_layers()) | {t.name for t in targets})
+        return bridge.adapter_keys(config, targets, shapes, saved, adapted_layers=adapted)
+
+    def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        config = self.peft_config[adapter_name]
+        layers, wrappers = self._fourier_layers(), self._wrappers()
+        targets = [
+            bridge.TargetLayer(name, bridge.LINEAR, layer.out_features, layer.in_features,
+                               layer.fourierft_n_frequency[adapter_name])
+            for name, layer in layers.items() if adapter_name in layer.fourierft_spectrum
+        ]
+        saved = [name for name, w in wrappers.items() if adapter_name in w.modules_to_save]
+        logical = self._logical_state()
+        tensors: dict[str, torch.Tensor] = {}
+        for key in self._adapter_keys(config, targets, saved):
+            tensors[key.key] = self._tensor_for(key, adapter_name, layers, wrappers, logical)
+        return tensors
+
+    @staticmethod
+    def _tensor_for(key, adapter_name, layers, wrappers, logical) -> torch.Tensor:
+        if key.kind == SPECTRUM:
+            return layers[key.module].fourierft_spectrum[adapter_name]
+        if key.kind == MODULE:
+            return wrappers[key.module].modules_to_save[adapter_name].state_dict(keep_vars=True)[key.param]
+        if key.kind == ORIGINAL:
+            return wrappers[key.module].original_module.state_dict(keep_vars=True)[key.param]
+        name = f"{key.module}.{key.param}" if key.module else key.param
+        return logical[name]
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], selected_adapters: Optional[list[str]] = None) -> None:
+        """Write the adapters in PEFT's layout (``default`` in the directory, others in sub-folders), atomically.
+
+        ``peft.PeftModel.from_pretrained(base_model, save_directory)`` loads the result.
+        """
+        from safetensors.torch import save_file
+
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; adapters: {sorted(self.peft_config)}")
+        payloads = {}
+        for name in names:
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self._adapter_tensors(name).items()}
+            config = bridge.config_for_saving(self.peft_config[name])
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
+            payloads[name] = (config, tensors)
+        with bridge.atomic_directory(save_directory) as temporary:
+            for name, (config, tensors) in payloads.items():
+                folder = bridge.adapter_directory(temporary, name)
+                os.makedirs(folder, exist_ok=True)
+                save_file(tensors, os.path.join(folder, bridge.WEIGHTS_NAME), metadata=dict(bridge.SAFETENSORS_METADATA))
+                config.save_pretrained(folder)
+
+    def load_adapter(
+        self, directory: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False
+    ) -> None:
+        """Load one adapter directory (as PEFT writes it) as ``adapter_name``; strict, and all-or-nothing.
+
+        Every key, shape and the config are checked against this model before anything is changed; a missing,
+        extra or wrong-shaped key raises ``bridge.AdapterFormatError`` naming it.
+        """
+        from safetensors.torch import load_file
+
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        config = bridge.FourierFTConfig.from_pretrained(directory)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
+            raise ValueError("FourierFTModel supports only 1 adapter with bias")
+        config, targets, saved = self._plan_adapter(config)
+        keys = self._adapter_keys(config, targets, saved)
+        path = bridge.weights_path(directory)
+        shapes, _ = bridge.read_shapes(path)
+        renames = bridge.rename_bias_aliases(keys, list(shapes))
+        shapes = {renames.get(k, k): v for k, v in shapes.items()}
+        bridge.check_adapter_shapes(keys, shapes, source=path)
+        try:
+            tensors = {renames.get(k, k): v for k, v in load_file(path).items()}
+        except Exception as error:
+            raise bridge.AdapterFormatError(f"{path}: cannot read the tensors (truncated or corrupt?): {error}") from None
+        for key in keys:
+            if not torch.isfinite(tensors[key.key].float()).all() and key.kind == SPECTRUM:
+                raise bridge.AdapterFormatError(f"{path}: key {key.key!r} holds NaN/inf values")
+        # Validated: now mutate.
+        state = torch.random.get_rng_state()
+        try:
+            self._inject(adapter_name, config, targets, saved)
+        finally:
+            torch.random.set_rng_state(state)  # loading must not consume the caller's random stream
+        layers, wrappers, logical = self._fourier_layers(), self._wrappers(), self._logical_state()
+        with torch.no_grad():
+            for key in keys:
+                target = self._tensor_for(key, adapter_name, layers, wrappers, logical)
+                target.copy_(tensors[key.key].to(device=target.device, dtype=target.dtype))
+        if self.active_adapter not in self.peft_config or len(self.peft_config) == 1:
+            self.active_adapter = adapter_name
+        self._refresh()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        directory: Union[str, os.PathLike],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> FourierFTModel:
+        """Load a FourierFT adapter directory (ours or PEFT's) onto ``model``; strict (see ``load_adapter``).
+
+        On any error ``model`` is left exactly as it was.
+        """
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.model = model
+        self.peft_config = {}
+        self.active_adapter = adapter_name
+        self.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        return self
+
+
+def get_fourierft_model(
+    model: nn.Module, config: bridge.FourierFTConfig, adapter_name: str = "default"
+) -> FourierFTModel:
+    """Wrap ``model``'s target layers with FourierFT adapters (PEFT's ``get_peft_model`` for FourierFT).
+
+    With the same torch seed, the initial spectra equal PEFT's (one ``torch.randn(n)`` per layer, model order).
+
+    Example:
+        >>> import fourierft_torch
+        >>> base = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 2))
+        >>> model = get_fourierft_model(base, fourierft_torch.FourierFTConfig(n_frequency=5, target_modules=["0"]))
+        >>> model(torch.randn(3, 10)).shape
+        torch.Size([3, 2])
+    """
+    return FourierFTModel(model, config, adapter_name)

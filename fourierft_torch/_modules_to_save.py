@@ -1,0 +1,59 @@
+"""``ModulesToSaveWrapper``: a module trained in full for an adapter (PEFT's ``modules_to_save``), same layout."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the ``original_module`` and one trainable copy per adapter in ``modules_to_save[adapter]``.
+
+    Example:
+        >>> wrapper = ModulesToSaveWrapper(nn.Linear(2, 2), "default")
+        >>> sorted(name for name, _ in wrapper.named_children())
+        ['modules_to_save', 'original_module']
+    """
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict({})
+        self.active_adapter: Optional[str] = None
+        self.disable_adapters = False
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        """Add a fresh copy of the original module for ``adapter_name``."""
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+
+    def set_adapter(self, adapter_name: Optional[str], trainable: bool = True) -> None:
+        """Use ``adapter_name``'s copy (``None`` or an adapter without a copy: the original module)."""
+        self.active_adapter = adapter_name if adapter_name in self.modules_to_save else None
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(trainable and name == self.active_adapter)
+
+    def current(self) -> nn.Module:
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Parents sometimes read attributes (e.g. `.weight`) of their child directly.
+            return getattr(super().__getattr__("original_module"), name)
+
+
+def unwrap(wrapper: ModulesToSaveWrapper) -> nn.Module:
+    """The module that replaces the wrapper when unloading: the active copy, else the original."""
+    with torch.no_grad():
+        return wrapper.current() if not wrapper.disable_adapters else wrapper.original_module

@@ -1,0 +1,313 @@
+"""The FourierFT math in torch: ΔW by ``irfft2``, and the adapter's output without ever building ΔW.
+
+With ``S`` the sparse ``out × in`` spectrum (real coefficients ``c_k`` at ``(row_k, col_k)``) and
+``ΔW = scaling · Re(ifft2(S))``:
+
+* ``delta_weight``: ``Re(ifft2(S)) = irfft2(H)`` with ``H = (S + S[-r, -c]) / 2`` on the half plane
+  ``c ≤ in // 2`` -- no complex ``out × in`` buffer, half the FFT work.
+* ``spectral_delta``: ``x ΔWᵀ = scaling / in · Re(ifft_out(Z))`` with ``Z[b, row_k] += c_k · conj(fft(x)[b, col_k])``.
+  ``conj(fft(x))`` at ``col > in // 2`` is ``rfft(x)`` at ``in - col``, and ``Re(ifft(Z))`` is ``irfft`` of the
+  Hermitian half of ``Z``; so one ``rfft`` per token row, a gather of ``n`` values, a scatter-add into
+  ``out // 2 + 1`` bins and one ``irfft``: O(B·d·log d + B·n), and no ``dyᵀx`` weight-gradient matmul.
+  Backward is hand-written (same cost as forward) and keeps only the input's ``rfft``.
+
+Everything runs in float32 (torch has no half-precision CPU FFTs); callers cast back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+import bridge
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralPlan:
+    """Precomputed index maps of one layer's positions (see module docstring).
+
+    ``coef``: which spectrum entry feeds each term; ``src``: the ``rfft`` column read; ``sign``: ``±1`` on the
+    imaginary part (conjugation); ``bin``: the half-spectrum output bin; ``half_*``: the two scatter targets of
+    ``delta_weight`` (row, col and which coefficient).
+    """
+
+    out_features: int
+    in_features: int
+    coef: torch.Tensor
+    src: torch.Tensor
+    sign: torch.Tensor
+    bin: torch.Tensor
+    half_rows: torch.Tensor
+    half_cols: torch.Tensor
+    half_coef: torch.Tensor
+
+    def to(self, device: torch.device) -> SpectralPlan:
+        tensors = ("coef", "src", "sign", "bin", "half_rows", "half_cols", "half_coef")
+        return dataclasses.replace(self, **{name: getattr(self, name).to(device) for name in tensors})
+
+
+def make_plan(indices: np.ndarray | torch.Tensor, out_features: int, in_features: int) -> SpectralPlan:
+    """Build the index maps for positions ``indices`` (shape ``(2, n)``: rows, cols) of an ``out × in`` layer.
+
+    Example:
+        >>> plan = make_plan(bridge.spectral_indices(8, 6, 5, 777), 8, 6)
+        >>> plan.coef.shape[0] >= 5
+        True
+    """
+    indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
+    rows, cols = indices[0], indices[1]
+    k = np.arange(rows.shape[0])
+    half_out, half_in = out_features // 2, in_features // 2
+    # conj(fft(x))[col]: conj(rfft[col]) for col <= in//2, else rfft[in - col] (no conjugation).
+    low = cols <= half_in
+    src = np.where(low, cols, in_features - cols)
+    conj = low
+    # Hermitian half of Z: Z[row]/2 lands on `row` (if row <= out//2); conj(Z[row])/2 on (out - row) % out.
+    mirror = (out_features - rows) % out_features
+    first = rows <= half_out
+    second = mirror <= half_out
+    coef = np.concatenate([k[first], k[second]])
+    bins = np.concatenate([rows[first], mirror[second]])
+    srcs = np.concatenate([src[first], src[second]])
+    signs = np.concatenate([np.where(conj[first], -1.0, 1.0), np.where(conj[second], 1.0, -1.0)])
+    # delta_weight: H = (S + S[-r, -c]) / 2 restricted to c <= in//2 (S is real, so H is real).
+    mirror_cols = (in_features - cols) % in_features
+    keep_a = cols <= half_in
+    keep_b = mirror_cols <= half_in
+    half_rows = np.concatenate([rows[keep_a], mirror[keep_b]])
+    half_cols = np.concatenate([cols[keep_a], mirror_cols[keep_b]])
+    half_coef = np.concatenate([k[keep_a], k[keep_b]])
+    as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    return SpectralPlan(
+        out_features,
+        in_features,
+        coef=as_long(coef),
+        src=as_long(srcs),
+        sign=torch.from_numpy(signs.astype(np.float32)),
+        bin=as_long(bins),
+        half_rows=as_long(half_rows),
+        half_cols=as_long(half_cols),
+        half_coef=as_long(half_coef),
+    )
+
+
+def delta_weight(spectrum: torch.Tensor, plan: SpectralPlan, scaling: float) -> torch.Tensor:
+    """``ΔW = scaling · Re(ifft2(S))`` as a float32 ``(out, in)`` tensor, differentiable in ``spectrum``.
+
+    Example:
+        >>> idx = bridge.spectral_indices(8, 6, 5, 777)
+        >>> c = torch.randn(5, dtype=torch.float64)
+        >>> dw = delta_weight(c, make_plan(idx, 8, 6), 2.0)
+        >>> bool(np.allclose(dw.numpy(), bridge.delta_weight(c.numpy(), idx, 8, 6, 2.0), atol=1e-5))
+        True
+    """
+    out_features, in_features = plan.out_features, plan.in_features
+    dtype = torch.float64 if spectrum.dtype == torch.float64 else torch.float32
+    values = spectrum.to(dtype).index_select(0, plan.half_coef) * 0.5
+    half = torch.zeros(out_features, in_features // 2 + 1, dtype=dtype, device=spectrum.device)
+    half = half.index_put((plan.half_rows, plan.half_cols), values, accumulate=True)
+    return torch.fft.irfft2(torch.complex(half, torch.zeros_like(half)), s=(out_features, in_features)) * scaling
+
+
+def _hermitian_weights(n: int, half: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # How often each rfft bin occurs in the full Hermitian spectrum: 1 for DC (and Nyquist when n is even), else 2.
+    weights = torch.full((half, 1, 1), 2.0, dtype=dtype, device=device)
+    weights[0] = 1.0
+    if n % 2 == 0:
+        weights[-1] = 1.0
+    return weights
+
+
+class _SpectralDelta(torch.autograd.Function):
+    """``x ΔWᵀ`` by the spectral form, with a hand-written backward of the same cost.
+
+    Features-first layout ``(bins, tokens, 2)``: gathering and scatter-adding whole rows is an order of magnitude
+    faster in torch than doing it along an inner dimension. Saved for backward: the input's ``rfft`` (about the
+    size of the input), never the ``n × tokens`` intermediates.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weights, plan):  # type: ignore[override]
+        # x: (B, in) float; weights: (terms, 2) = coefficient * [1, sign] * scale
+        out_features, in_features = plan.out_features, plan.in_features
+        spectrum = torch.view_as_real(torch.fft.rfft(x.t(), dim=0)).contiguous()  # (in//2+1, B, 2)
+        terms = spectrum.index_select(0, plan.src) * weights.unsqueeze(1)
+        half = torch.zeros(out_features // 2 + 1, x.shape[0], 2, dtype=x.dtype, device=x.device)
+        half.index_add_(0, plan.bin, terms)
+        ctx.plan = plan
+        ctx.save_for_backward(spectrum, weights)
+        return torch.fft.irfft(torch.view_as_complex(half), n=out_features, dim=0).t()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        spectrum, weights = ctx.saved_tensors
+        plan = ctx.plan
+        out_features, in_features = plan.out_features, plan.in_features
+        grad_output = grad_output.to(spectrum.dtype)
+        # Adjoint of irfft (1/n normalised): rfft(dy) * multiplicity / n.
+        grad_half = torch.view_as_real(torch.fft.rfft(grad_output.t(), dim=0))
+        grad_half = grad_half * (
+            _hermitian_weights(out_features, grad_half.shape[0], grad_half.dtype, grad_half.device) / out_features
+        )
+        grad_terms = grad_half.index_select(0, plan.bin)  # (terms, B, 2)
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            grad_weights = (grad_terms * spectrum.index_select(0, plan.src)).sum(dim=1)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_spectrum = torch.zeros_like(spectrum).index_add_(0, plan.src, grad_terms * weights.unsqueeze(1))
+            # Adjoint of rfft: n * irfft(dR / multiplicity).
+            grad_spectrum = grad_spectrum / _hermitian_weights(
+                in_features, grad_spectrum.shape[0], grad_spectrum.dtype, grad_spectrum.device
+            )
+            grad_x = torch.fft.irfft(torch.view_as_complex(grad_spectrum), n=in_features, dim=0).t() * in_features
+        return grad_x, grad_weights, None
+
+
+def spectral_delta(x: torch.Tensor, spectrum: torch.Tensor, plan: SpectralPlan, scaling: float) -> torch.Tensor:
+    """``x ΔWᵀ`` (float32, shape ``(..., out)``) without building ΔW; differentiable in ``x`` and ``spectrum``.
+
+    Example:
+        >>> idx = bridge.spectral_indices(8, 6, 5, 777)
+        >>> plan, c, x = make_plan(idx, 8, 6), torch.randn(5), torch.randn(3, 6)
+        >>> torch.allclose(spectral_delta(x, c, plan, 2.0), x @ delta_weight(c, plan, 2.0).T, atol=1e-5)
+        True
+    """
+    scale = 0.5 * float(scaling) / plan.in_features
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    coefficients = spectrum.to(dtype).index_select(0, plan.coef) * scale
+    weights = torch.stack([coefficients, coefficients * plan.sign], dim=-1)
+    leading = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    return _SpectralDelta.apply(flat, weights, plan).reshape(*leading, plan.out_features)
+
+
+def _signed_rows(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # fft(v)[j] as rfft: rfft[j] for j <= n//2, else conj(rfft[n - j]).  Returns (rfft index, imag sign).
+    low = values <= n // 2
+    return np.where(low, values, n - values), np.where(low, 1.0, -1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradPlan:
+    """Index maps for the spectrum gradient ``∂L/∂c_k = s/(out·in) · Re(Σ_b fft(dy)[b, row_k] · fft(x)[b, col_k])``."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    sign: torch.Tensor
+
+    def to(self, device: torch.device) -> GradPlan:
+        return GradPlan(self.rows.to(device), self.cols.to(device), self.sign.to(device))
+
+
+def make_grad_plan(indices: np.ndarray | torch.Tensor, out_features: int, in_features: int) -> GradPlan:
+    """Build the gradient index maps for positions ``indices`` of an ``out × in`` layer.
+
+    Example:
+        >>> make_grad_plan(np.array([[0, 7], [1, 5]]), 8, 6).rows.tolist()
+        [0, 1]
+    """
+    indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
+    rows, row_sign = _signed_rows(indices[0], out_features)
+    cols, col_sign = _signed_rows(indices[1], in_features)
+    return GradPlan(
+        torch.from_numpy(np.ascontiguousarray(rows)),
+        torch.from_numpy(np.ascontiguousarray(cols)),
+        torch.from_numpy((row_sign * col_sign).astype(np.float32)),
+    )
+
+
+def _features_first_rfft(v: torch.Tensor) -> torch.Tensor:
+    # (B, n) -> (n//2+1, B, 2): rows are gathered whole, which torch does much faster than inner-dim gathers.
+    dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+    return torch.view_as_real(torch.fft.rfft(v.t().to(dtype), dim=0))
+
+
+def spectrum_grad(
+    x: torch.Tensor, grad_output: torch.Tensor, grad_plan: GradPlan, scaling: float
+) -> torch.Tensor:
+    """``∂L/∂spectrum`` for ``y = x (W + ΔW)ᵀ`` given ``dy``: gathered entries of ``fft2(dyᵀx)`` without ``dyᵀx``.
+
+    ``Σ_{p,q} (dyᵀx)[p,q] e^{2πi(r p/out + c q/in)} = Σ_b conj(fft(dy)[b,r]) conj(fft(x)[b,c])``, so two row FFTs
+    and an ``n × B`` gather-dot replace the ``B·out·in`` weight-gradient matmul.
+
+    Example:
+        >>> idx = bridge.spectral_indices(8, 6, 5, 777)
+        >>> x, dy, c = torch.randn(4, 6), torch.randn(4, 8), torch.randn(5, requires_grad=True)
+        >>> (x @ delta_weight(c, make_plan(idx, 8, 6), 3.0).T * dy).sum().backward()
+        >>> torch.allclose(spectrum_grad(x, dy, make_grad_plan(idx, 8, 6), 3.0), c.grad, atol=1e-5)
+        True
+    """
+    out_features, in_features = grad_output.shape[-1], x.shape[-1]
+    dy_hat = _features_first_rfft(grad_output.reshape(-1, out_features)).index_select(0, grad_plan.rows)
+    x_hat = _features_first_rfft(x.reshape(-1, in_features)).index_select(0, grad_plan.cols)
+    products = torch.einsum("nbc,nbc->nc", dy_hat, x_hat)
+    return (products[:, 0] - grad_plan.sign.to(products.dtype) * products[:, 1]) * (float(scaling) / (out_features * in_features))
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``F.linear(x, W + Σ ΔW_a, b)`` whose backward never forms the ``dyᵀx`` matmul for the spectra.
+
+    ΔW is recomputed in backward (an ``irfft2``, cheap next to the matmuls) rather than kept alive.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, adapters, *spectra):  # type: ignore[override]
+        with torch.no_grad():
+            effective = _effective_weight(weight, adapters, spectra)
+            out = torch.nn.functional.linear(x, effective, bias)
+        ctx.adapters = adapters
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, *spectra)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        x, weight, *spectra = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = grad_weight = grad_bias = None
+        if needs[0]:
+            effective = _effective_weight(weight, ctx.adapters, spectra)
+            grad_x = grad_output.matmul(effective.to(grad_output.dtype)).to(x.dtype)
+        if needs[1]:
+            flat_dy = grad_output.reshape(-1, grad_output.shape[-1])
+            grad_weight = flat_dy.t().matmul(x.reshape(-1, x.shape[-1]).to(flat_dy.dtype)).to(weight.dtype)
+        if needs[2] and ctx.has_bias:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        grad_spectra = []
+        for index, ((_, grad_plan, scaling), spectrum) in enumerate(zip(ctx.adapters, spectra)):
+            if needs[4 + index]:
+                grad = spectrum_grad(x, grad_output, grad_plan, scaling)
+                grad_spectra.append(grad.to(spectrum.dtype))
+            else:
+                grad_spectra.append(None)
+        return (grad_x, grad_weight, grad_bias, None, *grad_spectra)
+
+
+def _effective_weight(weight: torch.Tensor, adapters, spectra) -> torch.Tensor:
+    delta = None
+    for (plan, _, scaling), spectrum in zip(adapters, spectra):
+        term = delta_weight(spectrum, plan, scaling)
+        delta = term if delta is None else delta + term
+    return weight + delta.to(weight.dtype)
+
+
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapters: list[tuple[SpectralPlan, GradPlan, float]],
+    spectra: list[torch.Tensor],
+) -> torch.Tensor:
+    """``F.linear(x, W + Σ_a ΔW_a, b)`` with ``weight`` in ``(out, in)`` layout; gradients for x, W, b and spectra.
+
+    Example:
+        >>> idx = bridge.spectral_indices(8, 6, 5, 777)
+        >>> plans = [(make_plan(idx, 8, 6), make_grad_plan(idx, 8, 6), 2.0)]
+        >>> x, w, c = torch.randn(3, 6), torch.randn(8, 6), torch.randn(5)
+        >>> torch.allclose(fused_linear(x, w, None, plans, [c]), x @ (w + delta_weight(c, plans[0][0], 2.0)).T, atol=1e-5)
+        True
+    """
+    return _FusedLinear.apply(x, weight, bias, tuple(adapters), *spectra)
