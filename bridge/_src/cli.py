@@ -1,0 +1,172 @@
+"""The ``fourierft`` command line: ``inspect``, ``merge`` and ``plot`` for PEFT FourierFT adapters.
+
+Framework-neutral (numpy, safetensors, tqdm; matplotlib for ``plot`` only). Exit codes: 0 success, 2 a user
+error (bad arguments, unreadable or mismatched inputs, an existing destination) reported as one line on stderr,
+1 an unexpected failure (with its traceback: that is a bug), 130 interrupted.
+
+Usage::
+
+    fourierft inspect ADAPTER_DIR [--base MODEL] [--lora-rank 8] [--json]
+    fourierft merge --base MODEL --adapter ADAPTER_DIR --out MERGED_DIR [--adapter-name NAME] [--overwrite]
+    fourierft plot ADAPTER_DIR --out spectra.png [--layers NAME ...] [--base MODEL | --shape OUTxIN]
+
+Also runs as ``python -m bridge._src.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Optional, Sequence
+
+from .checkpoint import CheckpointError
+from .config import CONFIG_NAME
+from .peft_format import AdapterFormatError
+from .tensor_io import SafetensorsError
+
+PROG = "fourierft"
+USER_ERROR = 2
+# Errors a user can fix (bad input, wrong paths); anything else is a bug and keeps its traceback.
+_USER_ERRORS = (CheckpointError, AdapterFormatError, SafetensorsError, FileNotFoundError, NotADirectoryError,
+                IsADirectoryError, PermissionError, FileExistsError)
+
+_FAN_IN_FAN_OUT = {"auto": None, "true": True, "false": False}
+_FAN_HELP = (
+    "how adapted weights are stored: 'true' = transposed (in, out) like transformers' Conv1D, 'false' = (out, in) "
+    "like nn.Linear, 'auto' (default) = from config.json's model_type (gpt2 ...), else the adapter's fan_in_fan_out"
+)
+_BASE_HELP = "the base model: a folder with model.safetensors (or a sharded index), or one .safetensors file"
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from . import summary
+
+    if args.lora_rank <= 0:
+        raise CheckpointError(f"--lora-rank must be positive, got {args.lora_rank}")
+    summaries = summary.summarize(args.path, base=args.base)
+    if args.json:
+        print(json.dumps(summary.to_json(summaries, args.path, args.lora_rank), indent=2))
+    else:
+        print(summary.format_text(summaries, args.path, args.lora_rank))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_adapter
+
+    report = merge_adapter(
+        args.base, args.adapter, args.out, adapter_name=args.adapter_name, overwrite=args.overwrite,
+        fan_in_fan_out=_FAN_IN_FAN_OUT[args.fan_in_fan_out], progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"merged {report.merged_layers} layer(s) and replaced {report.replaced_tensors} tensor(s) into "
+              f"{report.out} ({', '.join(report.files)})")
+        if report.name_mapping:
+            print(f"  {report.name_mapping}")
+        if report.copied:
+            print(f"  copied: {', '.join(report.copied)}")
+        if report.skipped:
+            print(f"  not copied (unmerged weights in another format): {', '.join(report.skipped)}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_adapter
+
+    drawn = plot_adapter(
+        args.path, args.out, layers=args.layers, base=args.base, shape=args.shape,
+        adapter_name=args.adapter_name, overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out}: {', '.join(drawn)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fourierft`` (one sub-parser per command)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Inspect, merge and plot FourierFT adapters saved in HuggingFace PEFT's format "
+                    "(no torch, no PEFT needed).",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    inspect = commands.add_parser(
+        "inspect", help="show an adapter's config, layers and parameter counts",
+        description="Show the format, config, adapted layers (name, shape, n_frequency, scaling, parameters), totals "
+                    "and the storage saved against LoRA on the same layers. Every adapter of the folder "
+                    f"(sub-folders with their own {CONFIG_NAME}) is listed.",
+    )
+    inspect.add_argument("path", help="a PEFT adapter folder")
+    inspect.add_argument("--base", help=_BASE_HELP + " (gives the layer shapes, which the adapter does not store)")
+    inspect.add_argument("--lora-rank", type=int, default=8, metavar="R",
+                         help="the LoRA rank to compare with: r*(in+out) parameters per layer (default 8)")
+    inspect.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    inspect.set_defaults(run=_cmd_inspect)
+
+    merge = commands.add_parser(
+        "merge", help="merge an adapter into a base model's safetensors",
+        description="Write the base model with the adapter merged in (W += scaling*Re(ifft2(S)); biases and "
+                    "modules_to_save replaced), same sharding and dtypes as the base, other files of the model "
+                    "folder copied. Equals PEFT's merge_and_unload(). Written to a temporary sibling and renamed, "
+                    "so a failure leaves nothing at --out.",
+    )
+    merge.add_argument("--base", required=True, help=_BASE_HELP)
+    merge.add_argument("--adapter", required=True, help="a PEFT FourierFT adapter folder")
+    merge.add_argument("--out", required=True, help="the folder to write (must not exist unless --overwrite)")
+    merge.add_argument("--adapter-name", help="which adapter of a folder holding several (default: 'default')")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.add_argument("--fan-in-fan-out", choices=sorted(_FAN_IN_FAN_OUT), default="auto", help=_FAN_HELP)
+    merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    merge.set_defaults(run=_cmd_merge)
+    # `convert` (PEFT folder <-> fourierft_jax Orbax checkpoint) is added here once the JAX side exists.
+
+    plot = commands.add_parser(
+        "plot", help="draw learned spectra and delta weights to a PNG",
+        description="For the chosen layers (default: the first three) draw the learned spectrum (coefficients on "
+                    "the out x in grid) and the delta weight it makes. Needs matplotlib and the layer shapes "
+                    "(--base, or --shape for one layer).",
+    )
+    plot.add_argument("path", help="a PEFT adapter folder")
+    plot.add_argument("--out", required=True, help="the PNG file to write")
+    plot.add_argument("--layers", nargs="+", metavar="NAME",
+                      help="layers to draw: full names, globs (*.query) or dotted suffixes (layer.0.attention.self.query)")
+    plot.add_argument("--base", help=_BASE_HELP)
+    plot.add_argument("--shape", metavar="OUTxIN", help="the shape of the one chosen layer, when no --base is given")
+    plot.add_argument("--adapter-name", help="which adapter of a folder holding several (default: 'default')")
+    plot.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    plot.set_defaults(run=_cmd_plot)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``fourierft`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Example:
+        >>> main(["inspect", "/no/such/folder"])
+        2
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except _USER_ERRORS as error:
+        print(f"{PROG} {args.command}: error: {_message(error)}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return " ".join(str(error).split())  # one line
+
+
+if __name__ == "__main__":
+    sys.exit(main())
