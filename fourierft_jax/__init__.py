@@ -1,0 +1,67 @@
+"""FourierFT for Flax: spectral adapters on linen parameter trees (and NNX models in ``fourierft_jax.nnx``).
+
+Example:
+    >>> import numpy as np, jax, fourierft_jax
+    >>> params = {"q": {"kernel": np.zeros((8, 4), np.float32)}}
+    >>> config = fourierft_jax.FourierFTConfig(n_frequency=5, target_modules=["q"])
+    >>> fourierft_jax.apply(params, config, key=jax.random.key(0)).layers()
+    ['q']
+"""
+
+from bridge import FourierFTConfig, NoTargetError
+
+from ._src.adapter import AdapterSet, AdapterSpec
+from ._src.delta import delta_kernel
+from ._src.intercept import DEFAULT_MODE, make_apply, spectral_interceptor
+from ._src.layer import LayerSpec
+from ._src.merge import merge_params, substitute
+from ._src.model import FourierFTAdapter, apply
+from ._src.optim import multi_lr
+from ._src.spectral import spectral_delta
+from ._src.targets import module_infos, select_layers
+
+from ._src.io import (  # checkpoints and conversions (issue 5)
+    AdapterMismatchError,
+    NameMap,
+    SavedAdapter,
+    TrainingCheckpoints,
+    attach,
+    export_peft,
+    import_peft,
+    load_adapter,
+    read_peft,
+    save_adapter,
+)
+
+from . import nnx  # noqa: E402  (fourierft_jax.nnx.apply without a separate import)
+
+__all__ = [
+    "AdapterMismatchError",
+    "NameMap",
+    "SavedAdapter",
+    "TrainingCheckpoints",
+    "attach",
+    "export_peft",
+    "import_peft",
+    "load_adapter",
+    "read_peft",
+    "save_adapter",
+    "DEFAULT_MODE",
+    "AdapterSet",
+    "AdapterSpec",
+    "FourierFTAdapter",
+    "FourierFTConfig",
+    "LayerSpec",
+    "NoTargetError",
+    "apply",
+    "delta_kernel",
+    "make_apply",
+    "merge_params",
+    "module_infos",
+    "multi_lr",
+    "nnx",
+    "select_layers",
+    "spectral_delta",
+    "spectral_interceptor",
+    "substitute",
+]

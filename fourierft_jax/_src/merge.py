@@ -1,0 +1,111 @@
+"""Parameters for a plain ``model.apply``: trained biases/modules put in place and, for merging, ``W + ΔW``.
+
+Pure functions of (params, trainable state, static ``AdapterSet``): jit-safe, and differentiable in the
+trainable state only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from .adapter import BIAS, MODULES_TO_SAVE, AdapterSet, adapter_state, layer_spectrum
+from .delta import delta_kernel
+from .tree import Path, dotted, get_path, replace_paths, split_collection
+
+DEFAULT_DELTA_METHOD = "irfft2"
+
+
+def _full_updates(inner: Mapping[str, Any], trainable: Mapping[str, Any], static: AdapterSet) -> dict[Path, Any]:
+    updates: dict[Path, Any] = {}
+    for name, spec in static.adapters:
+        state = adapter_state(trainable, name)
+        for path in spec.save_paths:
+            get_path(inner, path, "module_to_save")
+            updates[path] = _entry(state, MODULES_TO_SAVE, dotted(path), name)
+        for path in spec.bias_paths:
+            old = get_path(inner, path + ("bias",), "bias")
+            new = _entry(state, BIAS, dotted(path), name)
+            if tuple(new.shape) != tuple(old.shape):
+                raise ValueError(
+                    f"fourierft_jax: bias of {dotted(path)!r} has shape {tuple(old.shape)} in the parameter tree "
+                    f"but {tuple(new.shape)} in adapter {name!r}"
+                )
+            updates[path + ("bias",)] = new
+    return updates
+
+
+def _entry(state: Mapping[str, Any], group: str, key: str, adapter: str) -> Any:
+    if key not in state.get(group, {}):
+        raise KeyError(f"fourierft_jax: adapter {adapter!r} has no {group} entry {key!r} in its trainable state")
+    return state[group][key]
+
+
+def check_kernel(inner: Mapping[str, Any], path: Path, shape: tuple[int, int]) -> jax.Array:
+    """The kernel at ``path``, required to be the 2-D ``(in, out)`` array the adapter was built for."""
+    kernel = get_path(inner, path + ("kernel",), "Dense kernel")
+    if tuple(kernel.shape) != tuple(shape):
+        raise ValueError(
+            f"fourierft_jax: kernel of {dotted(path)!r} has shape {tuple(kernel.shape)}, but the adapter was built "
+            f"for {tuple(shape)}; this parameter tree does not match the adapter"
+        )
+    return kernel
+
+
+def substitute(params: Mapping[str, Any], trainable: Mapping[str, Any], static: AdapterSet) -> Any:
+    """``params`` with the active adapters' trained biases and ``modules_to_save`` in place (no ``ΔW``).
+
+    Example:
+        >>> import numpy as np, fourierft_jax
+        >>> params = {"q": {"kernel": np.ones((4, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+        >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], bias="all", init_weights=True)
+        >>> adapter = fourierft_jax.apply(params, cfg)
+        >>> trainable = {"default": dict(adapter.trainable["default"], bias={"q": np.ones(3, np.float32)})}
+        >>> substitute(params, trainable, adapter.static)["q"]["bias"].tolist()
+        [1.0, 1.0, 1.0]
+    """
+    if static.disabled:
+        return params
+    inner, rebuild = split_collection(params)
+    for _, spec in static.adapters:
+        for layer in spec.layers:
+            check_kernel(inner, layer.path, layer.kernel_shape)
+    return rebuild(replace_paths(inner, _full_updates(inner, trainable, static)))
+
+
+def merge_params(
+    params: Mapping[str, Any],
+    trainable: Mapping[str, Any],
+    static: AdapterSet,
+    *,
+    method: str = DEFAULT_DELTA_METHOD,
+) -> Any:
+    """``params`` with every adapted kernel replaced by ``W + ΔW`` (ΔW in float32, cast to the kernel dtype).
+
+    Accepts a variables dict (``{"params": ...}``) or the ``params`` collection and returns the same structure.
+
+    Example:
+        >>> import numpy as np, bridge
+        >>> from fourierft_jax._src.adapter import build_spec, init_state
+        >>> tree = {"q": {"kernel": np.zeros((8, 4), np.float32)}}
+        >>> spec = build_spec(tree, bridge.FourierFTConfig(n_frequency=3, target_modules=["q"]))
+        >>> state = {"default": init_state(tree, spec, init_weights=False, key=jax.random.key(0))}
+        >>> merged = merge_params(tree, state, AdapterSet((("default", spec),)))
+        >>> merged["q"]["kernel"].shape
+        (8, 4)
+    """
+    if static.disabled:
+        return params
+    inner, rebuild = split_collection(params)
+    updates = _full_updates(inner, trainable, static)
+    for name, spec in static.adapters:
+        state = adapter_state(trainable, name)
+        for layer in spec.layers:
+            path = layer.path + ("kernel",)
+            kernel = updates[path] if path in updates else check_kernel(inner, layer.path, layer.kernel_shape)
+            delta = delta_kernel(layer_spectrum(state, layer, name), layer, method)
+            kernel = jnp.asarray(kernel)
+            updates[path] = kernel + delta.astype(kernel.dtype)
+    return rebuild(replace_paths(inner, updates))

@@ -1,0 +1,379 @@
+"""``apply`` and ``FourierFTAdapter``: named adapters over one linen parameter tree, with PEFT's vocabulary.
+
+The object holds configs, static specs and the trainable arrays of every adapter, plus which are active; the
+frozen parameters stay with the caller and are never modified. Pure functions for jitted code take
+``adapter.trainable`` and ``adapter.static`` (or the closure returned by ``make_apply``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+import bridge
+
+from .adapter import AdapterSet, AdapterSpec, build_spec, init_state
+from .intercept import DEFAULT_MODE, make_apply
+from .merge import DEFAULT_DELTA_METHOD, check_kernel, merge_params, substitute
+from .tree import split_collection
+
+
+class FourierFTAdapter:
+    """FourierFT adapters of one linen model: trainable state + static facts + PEFT-style management.
+
+    Build it with ``fourierft_jax.apply``. ``trainable`` (the active adapters' arrays) is what optax trains;
+    ``static`` is hashable and carries everything else.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, fourierft_jax
+        >>> class MLP(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         return nn.Dense(4, name="fc2")(nn.relu(nn.Dense(8, name="fc1")(x)))
+        >>> model, x = MLP(), jnp.ones((2, 6))
+        >>> params = model.init(jax.random.key(0), x)
+        >>> adapter = fourierft_jax.apply(params, fourierft_jax.FourierFTConfig(n_frequency=10,
+        ...                               target_modules=["fc1", "fc2"]), key=jax.random.key(1))
+        >>> forward = adapter.make_apply(model.apply)
+        >>> y = forward(adapter.trainable, params, x)
+        >>> merged = adapter.merge_and_unload(params)
+        >>> bool(jnp.allclose(model.apply(merged, x), y, atol=1e-4))
+        True
+    """
+
+    def __init__(self) -> None:
+        self.configs: dict[str, bridge.FourierFTConfig] = {}
+        self.specs: dict[str, AdapterSpec] = {}
+        self.state: dict[str, dict[str, Any]] = {}
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: bridge.FourierFTConfig,
+        params: Mapping[str, Any],
+        *,
+        key: Optional[jax.Array] = None,
+        model_type: Optional[str] = None,
+        output_layer: Optional[str] = None,
+    ) -> None:
+        """Add a named adapter for ``params`` (validated fully before anything changes); it is not made active.
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.zeros((8, 4), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=3, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> adapter.add_adapter("other", cfg, params)
+            >>> sorted(adapter.state), adapter.active_adapters
+            (['default', 'other'], ['default'])
+        """
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"fourierft_jax: adapter names must be non-empty strings, got {adapter_name!r}")
+        if adapter_name in self.specs:
+            raise ValueError(f"fourierft_jax: an adapter named {adapter_name!r} already exists")
+        biased = [name for name, cfg in self.configs.items() if cfg.bias != "none"]
+        if biased and config.bias != "none":
+            raise ValueError(
+                f"fourierft_jax: only one adapter may train biases (adapter {biased[0]!r} has bias="
+                f"{self.configs[biased[0]].bias!r}); set bias='none' for {adapter_name!r}"
+            )
+        inner, _ = split_collection(params)
+        spec = build_spec(inner, config, model_type=model_type, output_layer=output_layer)
+        state = init_state(inner, spec, init_weights=config.init_weights, key=key)
+        self.configs[adapter_name] = config
+        self.specs[adapter_name] = spec
+        self.state[adapter_name] = state
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+
+    # -- selecting --------------------------------------------------------------------------------------------
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        """Make ``adapter_name`` (or a list of names, applied in order) the active adapter(s).
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> adapter.add_adapter("other", cfg, params)
+            >>> adapter.set_adapter(["default", "other"]); adapter.active_adapter
+            ['default', 'other']
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._require(name)
+        if not names:
+            raise ValueError("fourierft_jax: set_adapter needs at least one adapter name")
+        self.active_adapters = names
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        """The active adapter's name, or the list of names when several are active (PEFT's convention)."""
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; if it was active, the first remaining adapter becomes active.
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> adapter.add_adapter("other", cfg, params)
+            >>> adapter.delete_adapter("default"); adapter.active_adapters
+            ['other']
+        """
+        self._require(adapter_name)
+        for table in (self.configs, self.specs, self.state):
+            del table[adapter_name]
+        remaining = [name for name in self.active_adapters if name != adapter_name]
+        self.active_adapters = remaining or list(self.specs)[:1]
+
+    def disable_adapters(self) -> None:
+        """Run the base model: forwards and merges ignore every adapter until ``enable_adapters``.
+
+        Disabled means exactly the base parameters: trained biases and ``modules_to_save`` are left out too.
+        Functions from ``make_apply`` see the state at the time they were made.
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> adapter.disable_adapters(); adapter.static.disabled
+            True
+        """
+        self.disabled = True
+
+    def enable_adapters(self) -> None:
+        """Undo ``disable_adapters``.
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> adapter.disable_adapters(); adapter.enable_adapters(); adapter.static.disabled
+            False
+        """
+        self.disabled = False
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: adapters disabled inside (for functions built inside it; ``static`` is a snapshot).
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> with adapter.disable_adapter():
+            ...     base_apply = adapter.make_apply(lambda variables, x: x)
+            >>> adapter.static.disabled
+            False
+        """
+        previous, self.disabled = self.disabled, True
+        try:
+            yield
+        finally:
+            self.disabled = previous
+
+    # -- what jitted code takes -------------------------------------------------------------------------------
+    @property
+    def static(self) -> AdapterSet:
+        """The hashable description of the active adapters (a snapshot: later changes make a new one).
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> hash(adapter.static) == hash(fourierft_jax.apply(params, cfg).static)
+            True
+        """
+        return AdapterSet(tuple((name, self.specs[name]) for name in self.active_adapters), self.disabled)
+
+    @property
+    def trainable(self) -> dict[str, dict[str, Any]]:
+        """The active adapters' trainable arrays, ``{adapter: {"spectra", "bias", "modules_to_save"}}``.
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> sorted(adapter.trainable["default"])
+            ['bias', 'modules_to_save', 'spectra']
+        """
+        return {name: self.state[name] for name in self.active_adapters}
+
+    def set_trainable(self, trainable: Mapping[str, Any]) -> None:
+        """Store trained arrays back (e.g. after an optax loop); structures must match the existing state.
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> import jax
+            >>> adapter.set_trainable(jax.tree.map(lambda a: a + 1, adapter.trainable))
+            >>> adapter.state["default"]["spectra"]["q"].tolist()
+            [1.0, 1.0]
+        """
+        for name, value in trainable.items():
+            self._require(name)
+            old, new = jax.tree.structure(self.state[name]), jax.tree.structure(value)
+            if old != new:
+                raise ValueError(f"fourierft_jax: trained state of adapter {name!r} has structure {new}, not {old}")
+            self.state[name] = value
+
+    def make_apply(
+        self, apply_fn: Callable[..., Any], *, mode: str = DEFAULT_MODE, method: str = DEFAULT_DELTA_METHOD
+    ) -> Callable[..., Any]:
+        """``f(trainable, variables, *args, **kwargs)`` running ``apply_fn`` with the active adapters.
+
+        See ``fourierft_jax.make_apply``; ``mode="spectral"`` (default) or ``"merge"``.
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> forward = adapter.make_apply(lambda variables, x: x @ variables["q"]["kernel"], mode="merge")
+            >>> forward(adapter.trainable, params, np.ones((1, 4), np.float32)).tolist()
+            [[4.0, 4.0, 4.0]]
+        """
+        return make_apply(apply_fn, self.static, mode=mode, method=method)
+
+    def num_trainable_params(self) -> int:
+        """Number of trainable scalars of the active adapters.
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> adapter.num_trainable_params()
+            2
+        """
+        return sum(int(leaf.size) for leaf in jax.tree.leaves(self.trainable))
+
+    # -- leaving ----------------------------------------------------------------------------------------------
+    def merge_and_unload(
+        self,
+        params: Mapping[str, Any],
+        *,
+        adapter_names: Optional[Sequence[str]] = None,
+        safe_merge: bool = False,
+        method: str = DEFAULT_DELTA_METHOD,
+    ) -> Any:
+        """Plain parameters with ``W + ΔW`` of ``adapter_names`` (default: the active ones) for any ``model.apply``.
+
+        With ``safe_merge`` a non-finite merged kernel raises (naming the layer) instead of being returned.
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> adapter.merge_and_unload(params, safe_merge=True)["q"]["kernel"].shape
+            (4, 3)
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            self._require(name)
+        static = AdapterSet(tuple((name, self.specs[name]) for name in names))
+        merged = merge_params(params, {name: self.state[name] for name in names}, static, method=method)
+        if safe_merge:
+            inner, _ = split_collection(merged)
+            for _, spec in static.adapters:
+                for layer in spec.layers:
+                    if not bool(jnp.isfinite(check_kernel(inner, layer.path, layer.kernel_shape)).all()):
+                        raise ValueError(
+                            f"fourierft_jax: NaN/inf in the merged kernel of {layer.name!r}; the adapter seems broken"
+                        )
+        return merged
+
+    def unload(self, params: Mapping[str, Any]) -> Any:
+        """The base parameters without ``ΔW`` (trained biases and ``modules_to_save`` of active adapters kept).
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> adapter.unload(params)["q"]["kernel"] is params["q"]["kernel"]
+            True
+        """
+        return substitute(params, self.trainable, AdapterSet(self.static.adapters))
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def layers(self, adapter_name: Optional[str] = None) -> list[str]:
+        """Names of the layers an adapter adapts (default: the first active one).
+
+        Example:
+            >>> import numpy as np, fourierft_jax
+            >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
+            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> adapter.layers()
+            ['q']
+        """
+        name = adapter_name or self.active_adapters[0]
+        self._require(name)
+        return [layer.name for layer in self.specs[name].layers]
+
+    def _require(self, name: str) -> None:
+        if name not in self.specs:
+            raise KeyError(f"fourierft_jax: no adapter named {name!r}; adapters: {list(self.specs)}")
+
+    def __repr__(self) -> str:
+        parts = [
+            f"{name}: {len(spec.layers)} layers, {sum(l.n_frequency for l in spec.layers)} coefficients"
+            for name, spec in self.specs.items()
+        ]
+        return f"FourierFTAdapter(active={self.active_adapters}, disabled={self.disabled}, {'; '.join(parts)})"
+
+
+def apply(
+    params: Mapping[str, Any],
+    config: bridge.FourierFTConfig,
+    *,
+    key: Optional[jax.Array] = None,
+    adapter_name: str = "default",
+    model_type: Optional[str] = None,
+    output_layer: Optional[str] = None,
+) -> FourierFTAdapter:
+    """Build a FourierFT adapter for the Dense kernels of a linen parameter tree that ``config`` targets.
+
+    Args:
+        params: ``model.init(...)``'s variables or their ``params`` collection (not modified).
+        config: a ``FourierFTConfig`` (PEFT's fields and matching rules, on dotted parameter paths).
+        key: JAX key drawing the N(0, 1) spectra (not needed with ``init_weights=True``).
+        adapter_name: name of this first adapter.
+        model_type: transformers model type, for PEFT's default ``target_modules`` when they are unset.
+        output_layer: layer excluded by ``target_modules="all-linear"``.
+
+    Raises:
+        bridge.NoTargetError: nothing matched; TypeError: a target is not a 2-D Dense kernel; ValueError:
+        ``n_frequency`` exceeds ``in * out`` (each naming the path).
+
+    Example:
+        >>> import numpy as np, jax, fourierft_jax
+        >>> params = {"params": {"q": {"kernel": np.zeros((8, 4), np.float32)}}}
+        >>> adapter = fourierft_jax.apply(params, fourierft_jax.FourierFTConfig(n_frequency=5, target_modules=["q"]),
+        ...                               key=jax.random.key(0))
+        >>> adapter.trainable["default"]["spectra"]["q"].shape
+        (5,)
+    """
+    adapter = FourierFTAdapter()
+    adapter.add_adapter(
+        adapter_name, config, params, key=key, model_type=model_type, output_layer=output_layer
+    )
+    return adapter

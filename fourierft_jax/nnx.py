@@ -1,0 +1,29 @@
+"""FourierFT for Flax NNX: swap targeted ``nnx.Linear`` modules for ``FourierFTLinear`` and back.
+
+Example:
+    >>> import jax, jax.numpy as jnp, optax, fourierft_jax
+    >>> from flax import nnx
+    >>> class MLP(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.fc1, self.fc2 = nnx.Linear(6, 8, rngs=rngs), nnx.Linear(8, 4, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.fc2(nnx.relu(self.fc1(x)))
+    >>> model = fourierft_jax.nnx.apply(MLP(nnx.Rngs(0)), fourierft_jax.FourierFTConfig(n_frequency=10,
+    ...                                 target_modules=["fc1", "fc2"]), rngs=nnx.Rngs(1))
+    >>> optimizer = nnx.Optimizer(model, optax.adamw(5e-2), wrt=nnx.LoRAParam)
+    >>> sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    20
+"""
+
+from ._src.nnx_layer import FourierFTLinear, FourierFTSpectrum, FourierFTTrainable
+from ._src.nnx_model import apply, merge_and_unload, set_disabled, unload
+
+__all__ = [
+    "FourierFTLinear",
+    "FourierFTSpectrum",
+    "FourierFTTrainable",
+    "apply",
+    "merge_and_unload",
+    "set_disabled",
+    "unload",
+]
