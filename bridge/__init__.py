@@ -33,6 +33,7 @@ from ._src.peft_format import (
     weights_path,
     write_adapter,
 )
+from ._src.names import NameMap, NameMapError
 from ._src.positions import randperm_prefix, spectral_indices
 from ._src.reference import adapted_linear, delta_weight, dense_spectrum
 from ._src.targets import (
@@ -78,6 +79,8 @@ __all__ = [
     "PEFT_TYPE",
     "FourierFTConfig",
     "ModuleInfo",
+    "NameMap",
+    "NameMapError",
     "NoTargetError",
     "TargetLayer",
     "adapted_linear",

@@ -1,6 +1,7 @@
-"""The ``fourierft`` command line: ``inspect``, ``merge`` and ``plot`` for PEFT FourierFT adapters.
+"""The ``fourierft`` command line: ``inspect``, ``merge``, ``plot`` and ``convert`` for FourierFT adapters.
 
-Framework-neutral (numpy, safetensors, tqdm; matplotlib for ``plot`` only). Exit codes: 0 success, 2 a user
+Framework-neutral (numpy, safetensors, tqdm; matplotlib for ``plot`` only; jax, flax and orbax for ``convert``
+only, imported inside the command). Exit codes: 0 success, 2 a user
 error (bad arguments, unreadable or mismatched inputs, an existing destination) reported as one line on stderr,
 1 an unexpected failure (with its traceback: that is a bug), 130 interrupted.
 
@@ -8,6 +9,7 @@ Usage::
 
     fourierft inspect ADAPTER_DIR [--base MODEL] [--lora-rank 8] [--json]
     fourierft merge --base MODEL --adapter ADAPTER_DIR --out MERGED_DIR [--adapter-name NAME] [--overwrite]
+    fourierft convert SRC DST --to peft|orbax [--name-map RULES] [--base MODEL] [--overwrite]
     fourierft plot ADAPTER_DIR --out spectra.png [--layers NAME ...] [--base MODEL | --shape OUTxIN]
 
 Also runs as ``python -m bridge._src.cli``.
@@ -22,6 +24,7 @@ from typing import Callable, Optional, Sequence
 
 from .checkpoint import CheckpointError
 from .config import CONFIG_NAME
+from .names import NameMapError
 from .peft_format import AdapterFormatError
 from .tensor_io import SafetensorsError
 
@@ -29,7 +32,7 @@ PROG = "fourierft"
 USER_ERROR = 2
 # Errors a user can fix (bad input, wrong paths); anything else is a bug and keeps its traceback.
 _USER_ERRORS = (CheckpointError, AdapterFormatError, SafetensorsError, FileNotFoundError, NotADirectoryError,
-                IsADirectoryError, PermissionError, FileExistsError)
+                IsADirectoryError, PermissionError, FileExistsError, NameMapError)
 
 _FAN_IN_FAN_OUT = {"auto": None, "true": True, "false": False}
 _FAN_HELP = (
@@ -82,6 +85,98 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import tempfile
+
+    from .checkpoint import is_conv1d, open_base, resolve, select_adapter
+    from .merge import _replace_directory
+    from .names import NameMap
+    from .orbax_format import is_orbax_adapter
+    from .peft_format import list_adapters
+
+    if not os.path.exists(args.src):
+        raise CheckpointError(f"{args.src}: no such file or directory")
+    if is_orbax_adapter(args.src):
+        source = "orbax"
+    elif os.path.isdir(args.src) and list_adapters(args.src):
+        source = "peft"
+    else:
+        raise CheckpointError(f"{args.src} is neither a PEFT adapter folder (no {CONFIG_NAME}) nor a fourierft_jax "
+                              f"Orbax adapter checkpoint (no fourierft_adapter.json)")
+    if source == args.to:
+        raise CheckpointError(f"{args.src} is already a {source} adapter; nothing to convert")
+    dst = os.path.abspath(args.dst)
+    for source_path in [args.src] + ([args.base] if args.base else []):
+        source_path = os.path.abspath(source_path)
+        # DST may sit inside a model folder, but must never be, or hold, an input, nor sit inside the source.
+        inside_src = source_path == os.path.abspath(args.src) and dst.startswith(source_path + os.sep)
+        if dst == source_path or source_path.startswith(dst + os.sep) or inside_src:
+            raise CheckpointError(f"DST {dst} overlaps the input {source_path}: choose a separate folder")
+    if os.path.exists(dst) and not args.overwrite:
+        raise CheckpointError(f"DST {dst} already exists: pass --overwrite to replace it")
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise CheckpointError(f"DST {dst} exists and is not a folder")
+    if source == "peft" and args.base is None:
+        raise CheckpointError(
+            "PEFT -> Orbax needs the layer shapes, which a PEFT adapter does not store: pass --base MODEL "
+            "(the base model's safetensors file or folder)"
+        )
+    name_map = NameMap.parse(args.name_map)
+    try:
+        import fourierft_jax
+        from fourierft_jax._src.convert import with_base_originals
+    except ImportError as error:
+        raise CheckpointError(f"convert needs jax, flax and orbax-checkpoint (pip install 'fourierft[jax]'): {error}") \
+            from None
+    try:
+        if source == "orbax":
+            saved = fourierft_jax.load_adapter(args.src)
+            model_type = None
+            if args.base:
+                base = open_base(args.base)
+                model_type = base.model_type
+                saved = with_base_originals(saved, lambda name: _base_array(base, name), name_map)
+            conv1d = (lambda name: is_conv1d(name, model_type, saved.config, None)) if model_type else None
+            parent = os.path.dirname(dst)
+            os.makedirs(parent, exist_ok=True)
+            temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+            try:
+                out = os.path.join(temporary, "adapter")
+                fourierft_jax.export_peft(saved, out, name_map=name_map, conv1d=conv1d)
+                _replace_directory(out, dst, args.overwrite)
+            finally:
+                shutil.rmtree(temporary, ignore_errors=True)
+            layers = len(saved.spec.layers)
+        else:
+            base = open_base(args.base)
+            opened = select_adapter(args.src, args.adapter_name)
+            resolution = resolve(opened, base)
+            shapes = {layer.name: (layer.out_features, layer.in_features) for layer in resolution.layers}
+            saved = fourierft_jax.read_peft(
+                args.src, shapes=shapes, name_map=name_map, adapter_name=args.adapter_name,
+                conv1d=lambda name: is_conv1d(name, base.model_type, opened.config, None),
+            )
+            fourierft_jax.save_adapter(dst, saved, overwrite=args.overwrite)
+            layers = len(saved.spec.layers)
+    except (fourierft_jax.AdapterMismatchError, KeyError) as error:
+        raise CheckpointError(str(error).strip("'\"")) from None
+    print(f"converted {args.src} ({source}) -> {dst} ({args.to}): {layers} layer(s)")
+    return 0
+
+
+def _base_array(base, name: str):
+    if name not in base.key_files:
+        return None
+    array = base.files[base.key_files[name]].array(name)
+    if base.dtype(name) == "BF16":
+        import ml_dtypes  # installed with jax; only reached by `convert`
+
+        array = array.view(ml_dtypes.bfloat16)
+    return array
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``fourierft`` (one sub-parser per command)."""
     parser = argparse.ArgumentParser(
@@ -100,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and the storage saved against LoRA on the same layers. Every adapter of the folder "
                     f"(sub-folders with their own {CONFIG_NAME}) is listed.",
     )
-    inspect.add_argument("path", help="a PEFT adapter folder")
+    inspect.add_argument("path", help="a PEFT adapter folder or a fourierft_jax Orbax adapter checkpoint")
     inspect.add_argument("--base", help=_BASE_HELP + " (gives the layer shapes, which the adapter does not store)")
     inspect.add_argument("--lora-rank", type=int, default=8, metavar="R",
                          help="the LoRA rank to compare with: r*(in+out) parameters per layer (default 8)")
@@ -122,7 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--fan-in-fan-out", choices=sorted(_FAN_IN_FAN_OUT), default="auto", help=_FAN_HELP)
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     merge.set_defaults(run=_cmd_merge)
-    # `convert` (PEFT folder <-> fourierft_jax Orbax checkpoint) is added here once the JAX side exists.
+
+    convert = commands.add_parser(
+        "convert", help="convert an adapter between PEFT's format and a fourierft_jax Orbax checkpoint",
+        description="Convert SRC (a PEFT adapter folder or a fourierft_jax Orbax adapter checkpoint; detected) to "
+                    "DST in the format given by --to. Spectra, biases and modules_to_save are copied bit for bit, "
+                    "dtypes kept; Dense kernels (in, out) become Linear weights (out, in). Orbax -> PEFT needs no "
+                    "base model (the checkpoint records the shapes); PEFT -> Orbax takes the layer shapes from "
+                    "--base. Needs jax, flax and orbax-checkpoint. Written to a temporary sibling and renamed.",
+    )
+    convert.add_argument("src", help="a PEFT adapter folder or a fourierft_jax Orbax adapter checkpoint")
+    convert.add_argument("dst", help="the folder to write (must not exist unless --overwrite)")
+    convert.add_argument("--to", required=True, choices=("peft", "orbax"), help="the format to write")
+    convert.add_argument("--name-map", metavar="RULES",
+                         help='JAX path <-> torch name rules: a JSON file or JSON text, {"to_torch": [[pattern, '
+                              'replacement], ...], "to_flax": [...]} (regex rewrites applied in order; a bare list '
+                              'means to_torch). Default: the dotted JAX path is the torch name')
+    convert.add_argument("--base", help=_BASE_HELP + " (PEFT -> Orbax: gives the layer shapes; Orbax -> PEFT: "
+                         "gives the original biases PEFT stores for modules_to_save with bias='all', if the "
+                         "checkpoint lacks them)")
+    convert.add_argument("--adapter-name", help="which adapter of a PEFT folder holding several (default: 'default')")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    convert.set_defaults(run=_cmd_convert)
 
     plot = commands.add_parser(
         "plot", help="draw learned spectra and delta weights to a PNG",

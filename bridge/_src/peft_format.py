@@ -377,17 +377,46 @@ def write_adapter(
         >>> sorted(os.listdir(path))
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    from safetensors.numpy import save_file
-
     target = adapter_directory(directory, adapter_name)
     with atomic_directory(target) as temporary:
-        save_file(
-            {key: np.ascontiguousarray(value) for key, value in arrays.items()},
-            os.path.join(temporary, WEIGHTS_NAME),
-            metadata=dict(SAFETENSORS_METADATA),
-        )
+        save_tensors({key: np.ascontiguousarray(value) for key, value in arrays.items()},
+                     os.path.join(temporary, WEIGHTS_NAME))
         config_for_saving(config).save_pretrained(temporary)
     return target
+
+
+def save_tensors(arrays: Mapping[str, np.ndarray], path: PathLike) -> None:
+    """Write numpy arrays as a PEFT safetensors file; ``ml_dtypes.bfloat16`` arrays (what ``np.asarray`` of a
+    JAX bfloat16 array gives) are stored as BF16, which ``safetensors.numpy`` cannot write.
+
+    Example:
+        >>> import tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), WEIGHTS_NAME)
+        >>> save_tensors({"a": np.zeros(2, np.float32)}, path)
+        >>> read_shapes(path)[0]
+        {'a': (2,)}
+    """
+    if not any(value.dtype.name == "bfloat16" for value in arrays.values()):
+        from safetensors.numpy import save_file
+
+        save_file(dict(arrays), os.fspath(path), metadata=dict(SAFETENSORS_METADATA))
+        return
+    from .tensor_io import header_bytes, write_bytes
+
+    names = {"bfloat16": "BF16", "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64",
+             "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+    entries, offset = {}, 0
+    for key in sorted(arrays):
+        value = arrays[key]
+        if value.dtype.name not in names:
+            raise AdapterFormatError(f"tensor {key!r} has dtype {value.dtype}, which safetensors cannot hold")
+        entries[key] = {"dtype": names[value.dtype.name], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    with open(os.fspath(path), "wb") as stream:
+        stream.write(header_bytes(entries, SAFETENSORS_METADATA))
+        for key in sorted(arrays):
+            write_bytes(stream, arrays[key])
 
 
 def list_adapters(directory: PathLike) -> list[str]:

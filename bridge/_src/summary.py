@@ -1,7 +1,9 @@
-"""What an adapter directory holds: format, config, adapted layers, parameter totals, storage against LoRA.
+"""What an adapter holds (a PEFT directory or a fourierft_jax Orbax checkpoint): format, config, adapted layers,
+parameter totals, storage against LoRA.
 
-The data behind ``fourierft inspect``. Layer shapes are not stored in a PEFT adapter; they come from the base
-checkpoint's headers when one is given, else they are reported as unknown (and so is the LoRA comparison).
+The data behind ``fourierft inspect``. Layer shapes are not stored in a PEFT adapter (an Orbax checkpoint records
+them); they come from the base checkpoint's headers when one is given, else they are reported as unknown (and so
+is the LoRA comparison).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import os
 from typing import Any, Optional, Union
 
 from .checkpoint import Adapter, BaseCheckpoint, open_adapters, open_base, resolve
+from .orbax_format import folder_bytes, is_orbax_adapter, read_metadata
 
 PathLike = Union[str, "os.PathLike[str]"]
-PEFT_FORMAT = "peft"  # a PEFT adapter folder; the Orbax format of fourierft_jax joins here with `convert`
+PEFT_FORMAT = "peft"  # a PEFT adapter folder
+ORBAX_FORMAT = "orbax"  # a fourierft_jax Orbax adapter checkpoint (shapes recorded, no base needed)
 DEFAULT_LORA_RANK = 8
 _CONFIG_FIELDS = (
     "n_frequency", "scaling", "random_loc_seed", "target_modules", "exclude_modules", "bias", "modules_to_save",
@@ -81,8 +85,47 @@ def summarize(path: PathLike, base: Optional[PathLike] = None) -> list[AdapterSu
         >>> summary.spectrum_params, summary.layers[0].out_features
         (4, None)
     """
+    if is_orbax_adapter(path):
+        return [_summarize_orbax(path)]
     checkpoint: Optional[BaseCheckpoint] = open_base(base) if base is not None else None
     return [_summarize(adapter, checkpoint) for adapter in open_adapters(path)]
+
+
+def source_format(path: PathLike) -> str:
+    """``"orbax"`` for a fourierft_jax adapter checkpoint, else ``"peft"``.
+
+    Example:
+        >>> import tempfile
+        >>> source_format(tempfile.mkdtemp())
+        'peft'
+    """
+    return ORBAX_FORMAT if is_orbax_adapter(path) else PEFT_FORMAT
+
+
+def _summarize_orbax(path: PathLike) -> AdapterSummary:
+    # The checkpoint records every layer's shape, so no base model is needed for the LoRA comparison.
+    metadata = read_metadata(path)
+    config = metadata["config"]
+    scaling = float(config.scaling)
+    layers = [
+        LayerSummary(".".join(str(k) for k in layer["path"]), int(layer["n_frequency"]), scaling,
+                     int(layer["out_features"]), int(layer["in_features"]), False)
+        for layer in metadata["layers"]
+    ]
+    others = [t for t in metadata["tensors"] if t["group"] in ("bias", "modules_to_save")]
+    other_params = 0
+    for tensor in others:
+        count = 1
+        for dim in tensor["shape"]:
+            count *= int(dim)
+        other_params += count
+    dtypes = sorted({t["dtype"] for t in metadata["tensors"] if t["group"] == "spectra"})
+    fields = config.to_dict()
+    return AdapterSummary(
+        name="default", directory=os.fspath(path), config={field: fields.get(field) for field in _CONFIG_FIELDS},
+        layers=layers, other_tensors=len(others), other_params=other_params, spectrum_dtypes=dtypes,
+        file_bytes=folder_bytes(path),
+    )
 
 
 def _summarize(adapter: Adapter, checkpoint: Optional[BaseCheckpoint]) -> AdapterSummary:
@@ -139,12 +182,15 @@ def to_json(summaries: list[AdapterSummary], path: str, rank: int) -> dict[str, 
                 "lora_params": summary.lora_params(rank),
             },
         })
-    return {"format": PEFT_FORMAT, "path": path, "adapters": adapters}
+    return {"format": source_format(path), "path": path, "adapters": adapters}
 
 
 def format_text(summaries: list[AdapterSummary], path: str, rank: int) -> str:
     """The human-readable report of ``fourierft inspect``."""
-    lines = [f"{path}: PEFT FourierFT adapter directory, {len(summaries)} adapter(s)"]
+    if source_format(path) == ORBAX_FORMAT:
+        lines = [f"{path}: fourierft_jax Orbax adapter checkpoint (format: orbax), {len(summaries)} adapter(s)"]
+    else:
+        lines = [f"{path}: PEFT FourierFT adapter directory, {len(summaries)} adapter(s)"]
     for summary in summaries:
         lines += ["", f"adapter {summary.name!r} ({summary.directory})"]
         for field, value in summary.config.items():

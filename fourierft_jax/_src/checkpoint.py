@@ -1,0 +1,301 @@
+"""Orbax checkpoints: adapter-only checkpoints (no base model) and training checkpoints (``CheckpointManager``).
+
+An adapter checkpoint is a folder with ``fourierft_adapter.json`` (config, layer paths and shapes, every
+tensor's group/name/shape/dtype; see ``bridge._src.orbax_format``) and ``state/`` (the tensors, saved by Orbax
+under flat ids, so module names with dots never clash with Orbax's own key joining). It is written into a
+temporary sibling and renamed into place: a save killed part-way leaves the previous checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+import bridge
+from bridge._src.checkpoint import CheckpointError
+from bridge._src.orbax_format import FORMAT_TAG, FORMAT_VERSION, METADATA_NAME, STATE_DIR, read_metadata
+
+from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
+from .saved import SavedAdapter, SavedSource, as_saved, flat_leaves, layer_spec
+from .tree import dotted
+
+PathLike = Union[str, "os.PathLike[str]"]
+_GROUPS = (SPECTRA, BIAS, MODULES_TO_SAVE, "originals")
+
+
+def _entries(saved: SavedAdapter) -> list[tuple[dict[str, Any], Any]]:
+    entries = []
+    groups = dict(saved.state)
+    groups["originals"] = saved.originals
+    for group in _GROUPS:
+        for module, tree in groups.get(group, {}).items():
+            for rel, value in flat_leaves(tree):
+                array = jnp.asarray(value)
+                entries.append(({"id": f"t{len(entries):05d}", "group": group, "module": module, "rel": list(rel),
+                                 "shape": list(array.shape), "dtype": jnp.dtype(array.dtype).name}, array))
+    return entries
+
+
+def save_adapter(
+    directory: PathLike,
+    source: SavedSource,
+    *,
+    adapter_name: Optional[str] = None,
+    params: Optional[Mapping[str, Any]] = None,
+    config: Optional[bridge.FourierFTConfig] = None,
+    overwrite: bool = False,
+) -> str:
+    """Save one adapter -- trainable arrays, config, layer paths and shapes -- as an Orbax checkpoint folder.
+
+    The base model is never saved (``params``, if given, is only read for PEFT's ``original_module`` biases under
+    ``bias="all"`` with ``modules_to_save``, so a later PEFT export needs no base). ``source`` is a
+    ``FourierFTAdapter``, a ``SavedAdapter`` or an NNX model adapted with ``config``. An existing ``directory``
+    is refused unless ``overwrite``; it is replaced only once the new checkpoint is complete.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> from fourierft_jax._src.saved import apply_for_doc
+        >>> params = {"q": {"kernel": np.zeros((8, 4), np.float32)}}
+        >>> folder = save_adapter(os.path.join(tempfile.mkdtemp(), "ckpt"), apply_for_doc(params))
+        >>> load_adapter(folder).spec.layers[0].kernel_shape
+        (8, 4)
+    """
+    saved = as_saved(source, adapter_name=adapter_name, params=params, config=config)
+    target = os.path.abspath(os.fspath(directory))
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f"{target} already exists: pass overwrite=True to replace it")
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"{target} exists and is not a folder")
+    entries = _entries(saved)
+    metadata = {
+        "format": FORMAT_TAG,
+        "version": FORMAT_VERSION,
+        "config": saved.config.to_dict(),
+        "layers": [
+            {"path": list(layer.path), "name": layer.name, "in_features": layer.in_features,
+             "out_features": layer.out_features, "n_frequency": layer.n_frequency}
+            for layer in saved.spec.layers
+        ],
+        "bias_paths": [list(path) for path in saved.spec.bias_paths],
+        "save_paths": [list(path) for path in saved.spec.save_paths],
+        "tensors": [entry for entry, _ in entries],
+    }
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(temporary, STATE_DIR), {entry["id"]: array for entry, array in entries}
+                          or {"empty": jnp.zeros(())})
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        # The metadata goes last: a folder without it is never taken for a checkpoint.
+        with open(os.path.join(temporary, METADATA_NAME), "w", encoding="utf-8") as stream:
+            json.dump(metadata, stream, indent=2, sort_keys=True)
+            stream.flush()
+            os.fsync(stream.fileno())
+        _replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+    return target
+
+
+def _replace(temporary: str, target: str) -> None:
+    if not os.path.exists(target):
+        os.rename(temporary, target)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+    os.rmdir(old)
+    os.rename(target, old)  # the old checkpoint steps aside; only after the new one is in place is it deleted
+    try:
+        os.rename(temporary, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_adapter(directory: PathLike) -> SavedAdapter:
+    """Read an adapter checkpoint (no base model needed); ``attach`` it to a params tree or an NNX model.
+
+    A missing, truncated or inconsistent checkpoint raises ``bridge._src.checkpoint.CheckpointError`` naming
+    the folder and what is wrong.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> from fourierft_jax._src.saved import apply_for_doc
+        >>> params = {"q": {"kernel": np.zeros((8, 4), np.float32)}}
+        >>> saved = load_adapter(save_adapter(os.path.join(tempfile.mkdtemp(), "c"), apply_for_doc(params)))
+        >>> saved.attach(params).layers()
+        ['q']
+    """
+    folder = os.path.abspath(os.fspath(directory))
+    metadata = read_metadata(folder)
+    config = metadata["config"]
+    tensors = metadata["tensors"]
+    try:
+        abstract = {t["id"]: jax.ShapeDtypeStruct(tuple(t["shape"]), jnp.dtype(t["dtype"])) for t in tensors}
+    except TypeError as error:
+        raise CheckpointError(f"{folder}: bad tensor dtype in {METADATA_NAME}: {error}") from None
+    if abstract:
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            restored = checkpointer.restore(os.path.join(folder, STATE_DIR), abstract)
+        except Exception as error:  # Orbax/tensorstore raise many types for missing or truncated data
+            raise CheckpointError(
+                f"{folder}: cannot read the tensors in {STATE_DIR}/ (incomplete or corrupt checkpoint): "
+                f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+            ) from None
+        finally:
+            checkpointer.close()
+    else:
+        restored = {}
+    groups: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
+    for entry in tensors:
+        value = restored[entry["id"]]
+        if tuple(value.shape) != tuple(entry["shape"]) or jnp.dtype(value.dtype).name != entry["dtype"]:
+            raise CheckpointError(f"{folder}: tensor {entry['module']!r} {entry['rel']} was restored as "
+                                  f"{value.dtype}{tuple(value.shape)}, not {entry['dtype']}{tuple(entry['shape'])}")
+        if entry["group"] not in groups:
+            raise CheckpointError(f"{folder}: unknown tensor group {entry['group']!r}")
+        rel = entry["rel"]
+        if not rel:
+            groups[entry["group"]][entry["module"]] = value
+            continue
+        node = groups[entry["group"]].setdefault(entry["module"], {})
+        for key in rel[:-1]:
+            node = node.setdefault(key, {})
+        node[rel[-1]] = value
+    layers = tuple(
+        layer_spec(tuple(layer["path"]), layer["in_features"], layer["out_features"], layer["n_frequency"], config)
+        for layer in metadata["layers"]
+    )
+    spec = AdapterSpec(layers, tuple(tuple(p) for p in metadata.get("bias_paths", [])),
+                       tuple(tuple(p) for p in metadata.get("save_paths", [])))
+    missing = [layer.name for layer in layers if layer.name not in groups[SPECTRA]]
+    missing += [dotted(p) for p in spec.bias_paths if dotted(p) not in groups[BIAS]]
+    missing += [dotted(p) for p in spec.save_paths if dotted(p) not in groups[MODULES_TO_SAVE]]
+    if missing:
+        raise CheckpointError(f"{folder}: {METADATA_NAME} lists {missing} without their tensors (corrupt checkpoint)")
+    state = {SPECTRA: groups[SPECTRA], BIAS: groups[BIAS], MODULES_TO_SAVE: groups[MODULES_TO_SAVE]}
+    return SavedAdapter(config, spec, state, groups["originals"])
+
+
+class TrainingCheckpoints:
+    """Training checkpoints through Orbax's ``CheckpointManager``: any pytree (adapter state, optimizer state,
+    step counters, data-loader position) saved per step, keeping the last ``max_to_keep`` or the best ones.
+
+    Orbax writes each step into a temporary folder and renames it when complete, so a save that is killed
+    part-way leaves the earlier steps restorable. Restoring with ``like`` (the same structure, e.g. the freshly
+    initialised ``(trainable, opt_state)``) gives arrays bit-identical to what was saved, so a resumed run
+    continues with exactly the losses of an uninterrupted one.
+
+    Args:
+        directory: the root folder (one sub-folder per step).
+        max_to_keep: how many checkpoints to keep (``None``: all).
+        best_metric: keep the ``max_to_keep`` best by ``metrics[best_metric]`` instead of the most recent.
+        best_mode: ``"min"`` or ``"max"``.
+        save_interval_steps: ``save`` only acts on multiples of this (unless ``force``).
+        async_save: let Orbax write in the background (call ``wait`` before reading the files).
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp
+        >>> with TrainingCheckpoints(tempfile.mkdtemp(), max_to_keep=2) as checkpoints:
+        ...     for step in range(3):
+        ...         _ = checkpoints.save(step, {"w": jnp.full(2, float(step))})
+        ...     checkpoints.all_steps(), checkpoints.restore({"w": jnp.zeros(2)})["w"].tolist()
+        ([1, 2], [2.0, 2.0])
+    """
+
+    def __init__(
+        self,
+        directory: PathLike,
+        *,
+        max_to_keep: Optional[int] = None,
+        best_metric: Optional[str] = None,
+        best_mode: str = "min",
+        save_interval_steps: int = 1,
+        async_save: bool = False,
+    ) -> None:
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"TrainingCheckpoints: best_mode must be 'min' or 'max', got {best_mode!r}")
+        best_fn: Optional[Callable[[Any], float]] = None
+        if best_metric is not None:
+            def best_fn(metrics: Mapping[str, Any]) -> float:
+                return float(metrics[best_metric])
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, best_fn=best_fn, best_mode=best_mode,
+            save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.best_metric = best_metric
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
+
+    def save(self, step: int, state: Any, *, metrics: Optional[Mapping[str, Any]] = None, force: bool = False) -> bool:
+        """Save ``state`` as ``step`` (with ``metrics`` when keeping the best); returns whether it was saved."""
+        if self.best_metric is not None and (metrics is None or self.best_metric not in metrics):
+            raise ValueError(f"TrainingCheckpoints: keeping the best by {self.best_metric!r}: pass metrics with it")
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        return self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                                  metrics=metrics, force=force)
+
+    def restore(self, like: Any, step: Optional[int] = None) -> Any:
+        """The state saved at ``step`` (default: the latest), with the structure and dtypes of ``like``."""
+        if step is None:
+            step = self.latest_step()
+        if step is None:
+            raise CheckpointError(f"{self.directory} holds no training checkpoint")
+        if step not in self.all_steps():
+            raise CheckpointError(f"{self.directory} has no checkpoint of step {step}; it has {self.all_steps()}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return restored["state"]
+
+    def latest_step(self) -> Optional[int]:
+        """The newest complete step, or ``None``."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> Optional[int]:
+        """The best step by ``best_metric`` (the latest when no metric is used)."""
+        return self._manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        """Every complete step kept, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def wait(self) -> None:
+        """Block until background saves are written."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release Orbax's resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "TrainingCheckpoints":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def spectra_of(saved: SavedAdapter) -> dict[str, np.ndarray]:
+    """``{layer: numpy spectrum}`` of a saved adapter (for inspection and tests).
+
+    Example:
+        >>> import numpy as np
+        >>> from fourierft_jax._src.saved import apply_for_doc, from_adapter
+        >>> spectra_of(from_adapter(apply_for_doc({"q": {"kernel": np.zeros((8, 4), np.float32)}})))["q"].tolist()
+        [0.0, 0.0, 0.0]
+    """
+    return {name: np.asarray(value) for name, value in saved.state[SPECTRA].items()}

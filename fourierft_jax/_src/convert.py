@@ -1,0 +1,411 @@
+"""JAX adapters to and from PEFT adapter directories (which ``peft`` and ``fourierft_torch`` load).
+
+Names: a JAX module's dotted path is its torch name unless a ``bridge.NameMap`` says otherwise. Layouts: spectra
+and biases are the same vectors in both frameworks (SPEC §3); a ``modules_to_save`` Dense ``kernel`` ``(in, out)``
+is torch's ``weight`` ``(out, in)`` (not transposed for a transformers ``Conv1D``, stored ``(in, out)``), and
+``embedding``/``scale`` are torch's ``weight``. Keys, shapes and the file itself come from
+``bridge.peft_format`` (one implementation of PEFT's format). Values are copied bit for bit, dtypes kept.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Collection, Mapping, Optional, Union
+
+import numpy as np
+
+import bridge
+from bridge._src.checkpoint import CheckpointError, select_adapter
+from bridge._src.names import NameMap, map_config_names
+from bridge._src.peft_format import ORIGINAL as KIND_ORIGINAL
+from bridge._src.peft_format import SPECTRUM as KIND_SPECTRUM
+
+from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
+from .saved import SavedAdapter, SavedSource, as_saved, attach, flat_leaves, layer_spec, node_paths
+from .tree import Path, dotted
+
+PathLike = Union[str, "os.PathLike[str]"]
+Conv1DRule = Union[Collection[str], Callable[[str], bool], None]
+# Flax leaf name -> torch parameter name. Only Dense kernels change layout.
+_TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight"}
+
+
+def _is_conv1d(rule: Conv1DRule, torch_module: str) -> bool:
+    if rule is None:
+        return False
+    if callable(rule):
+        return bool(rule(torch_module))
+    return torch_module in rule or torch_module.rsplit(".", 1)[-1] in rule
+
+
+def _numpy(value: Any) -> np.ndarray:
+    # np.asarray of a JAX bfloat16 array is an ml_dtypes.bfloat16 array: the bits are kept.
+    return np.ascontiguousarray(np.asarray(value))
+
+
+def peft_tensors(
+    saved: SavedAdapter, name_map: Optional[NameMap] = None, conv1d: Conv1DRule = None
+) -> tuple[bridge.FourierFTConfig, dict[str, np.ndarray]]:
+    """The config and ``{PEFT key: numpy array}`` PEFT 0.21 would save for this adapter.
+
+    Example:
+        >>> import numpy as np
+        >>> from fourierft_jax._src.saved import apply_for_doc, from_adapter
+        >>> saved = from_adapter(apply_for_doc({"q": {"kernel": np.zeros((8, 4), np.float32)}}))
+        >>> sorted(peft_tensors(saved)[1])
+        ['base_model.model.q.fourierft_spectrum']
+    """
+    name_map = name_map or NameMap()
+    spec = saved.spec
+    owners: dict[str, Path] = {}  # JAX names of every module a tensor belongs to
+    for layer in spec.layers:
+        owners[layer.name] = layer.path
+    for path in spec.bias_paths:
+        owners[dotted(path)] = path
+    members: list[tuple[str, Path, str]] = []  # (saved module, relative owner path, flax leaf)
+    for path in spec.save_paths:
+        owners[dotted(path)] = path
+        for rel, _ in flat_leaves(saved.state[MODULES_TO_SAVE][dotted(path)]):
+            owners[dotted(path + rel[:-1])] = path + rel[:-1]
+            members.append((dotted(path), rel[:-1], rel[-1]))
+    torch_names = name_map.to_torch_names(owners)
+    for path in spec.save_paths:
+        top = torch_names[dotted(path)]
+        for name, owner in owners.items():
+            if owner[: len(path)] == path and owner != path and not torch_names[name].startswith(top + "."):
+                raise bridge.AdapterFormatError(
+                    f"name map puts {name!r} at {torch_names[name]!r}, outside its module_to_save {top!r}"
+                )
+
+    values: dict[str, np.ndarray] = {}  # trained tensors by their torch name in the base model
+
+    def put_member(module: str, rel: Path, leaf: str, value: Any, table: dict) -> None:
+        owner = torch_names[dotted(owners[module] + rel)]
+        array = _numpy(value)
+        if leaf == "kernel" and array.ndim == 2 and not _is_conv1d(conv1d, owner):
+            array = np.ascontiguousarray(array.T)
+        elif leaf == "kernel" and array.ndim != 2:
+            raise bridge.AdapterFormatError(
+                f"module_to_save {module!r}: kernel {dotted(owners[module] + rel)!r} has shape "
+                f"{array.shape}; only 2-D Dense kernels have a torch layout here"
+            )
+        table[f"{owner}.{_TORCH_LEAF.get(leaf, leaf)}"] = array
+
+    for module, rel, leaf in members:
+        node = saved.state[MODULES_TO_SAVE][module]
+        for key in rel + (leaf,):
+            node = node[key]
+        put_member(module, rel, leaf, node, values)
+    for path in spec.bias_paths:
+        values[f"{torch_names[dotted(path)]}.bias"] = _numpy(saved.state[BIAS][dotted(path)])
+    shapes = {name: tuple(array.shape) for name, array in values.items()}
+    originals: dict[str, np.ndarray] = {}
+    for module, tree in saved.originals.items():
+        for rel, value in flat_leaves(tree):
+            put_member(module, rel[:-1], rel[-1], value, originals)
+
+    targets = [
+        bridge.TargetLayer(torch_names[layer.name], bridge.LINEAR, layer.out_features, layer.in_features,
+                           layer.n_frequency)
+        for layer in spec.layers
+    ]
+    saved_torch = [torch_names[dotted(path)] for path in spec.save_paths]
+    config = saved.config
+    if not name_map.is_identity:
+        config = map_config_names(config, torch_names, {l.name: l.n_frequency for l in spec.layers},
+                                  [dotted(p) for p in spec.save_paths])
+    keys = bridge.adapter_keys(config, targets, shapes, saved_torch, adapted_layers=[t.name for t in targets])
+    layer_of = {torch_names[layer.name]: layer.name for layer in spec.layers}
+    tensors: dict[str, np.ndarray] = {}
+    for key in keys:
+        if key.kind == KIND_SPECTRUM:
+            tensors[key.key] = _numpy(saved.state[SPECTRA][layer_of[key.module]])
+        elif key.kind == KIND_ORIGINAL:
+            name = f"{key.module}.{key.param}"
+            if name not in originals:
+                raise bridge.AdapterFormatError(
+                    f"PEFT stores the original (untrained) {name!r} of module_to_save {key.module!r} with "
+                    f"bias='all', and this adapter does not hold it: export with params=<the base parameters> "
+                    f"(fourierft convert: --base MODEL)"
+                )
+            tensors[key.key] = originals[name]
+        else:  # KIND_BIAS and KIND_MODULE: trained tensors, by their name in the base model
+            name = f"{key.module}.{key.param}" if key.module else key.param
+            tensors[key.key] = values[name]
+    return config, tensors
+
+
+def export_peft(
+    source: SavedSource,
+    directory: PathLike,
+    *,
+    adapter_name: Optional[str] = None,
+    params: Optional[Mapping[str, Any]] = None,
+    config: Optional[bridge.FourierFTConfig] = None,
+    name_map: Optional[NameMap] = None,
+    conv1d: Conv1DRule = None,
+    overwrite: bool = False,
+) -> str:
+    """Write a JAX adapter as a PEFT adapter directory; ``peft.PeftModel.from_pretrained`` and
+    ``fourierft_torch`` load it onto the torch twin of the model. Returns the directory.
+
+    The adapter's config is written as is under the default name map; with other rules its matching fields are
+    rewritten to the torch layers' full names (PEFT re-matches them on the torch model).
+
+    Args:
+        source: a ``FourierFTAdapter`` (its ``adapter_name`` adapter, default the first active one), a
+            ``SavedAdapter`` (``load_adapter``), or an NNX model adapted by ``fourierft_jax.nnx.apply`` (with
+            ``config``).
+        directory: the PEFT folder to create; an existing one is refused unless ``overwrite``.
+        params: the base parameters, only needed for ``bias="all"`` with ``modules_to_save`` (PEFT stores the
+            modules' original biases too).
+        name_map: JAX path → torch name rules (default: the dotted path).
+        conv1d: torch module names (or last name segments, or a predicate) stored ``(in, out)`` like
+            transformers' ``Conv1D``: their ``modules_to_save`` kernels are not transposed.
+        overwrite: replace an existing adapter in ``directory``.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> from fourierft_jax._src.saved import apply_for_doc
+        >>> folder = os.path.join(tempfile.mkdtemp(), "peft")
+        >>> _ = export_peft(apply_for_doc({"q": {"kernel": np.zeros((8, 4), np.float32)}}), folder)
+        >>> sorted(os.listdir(folder))
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    saved = as_saved(source, adapter_name=adapter_name, params=params, config=config)
+    peft_config, tensors = peft_tensors(saved, name_map, conv1d)
+    target = os.fspath(directory)
+    if os.path.exists(os.path.join(target, bridge.CONFIG_NAME)) and not overwrite:
+        raise FileExistsError(f"{target} already holds an adapter: pass overwrite=True to replace it")
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"{target} exists and is not a folder")
+    return bridge.write_adapter(target, peft_config, tensors)
+
+
+def _read_tensor(file: Any, key: str) -> np.ndarray:
+    array = np.array(file.array(key))  # a copy: the file's memory map must not outlive this call
+    if file.dtype(key) == "BF16":
+        import jax.numpy as jnp
+
+        array = array.view(jnp.bfloat16)
+    return array
+
+
+def read_peft(
+    directory: PathLike,
+    params: Optional[Mapping[str, Any]] = None,
+    *,
+    shapes: Optional[Mapping[str, tuple[int, int]]] = None,
+    name_map: Optional[NameMap] = None,
+    adapter_name: Optional[str] = None,
+    conv1d: Conv1DRule = None,
+) -> SavedAdapter:
+    """Read a PEFT FourierFT adapter directory as a ``SavedAdapter`` in JAX names and layouts.
+
+    The layer shapes (which PEFT does not store) come from ``params`` (a linen params tree: also used to find JAX
+    names and ``modules_to_save`` leaf names) or from ``shapes`` (``{torch layer name: (out, in)}``). Without
+    ``params``, a ``modules_to_save`` 2-D ``weight`` is taken as a Dense kernel and a 1-D one as a LayerNorm
+    ``scale``.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> import bridge
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = bridge.write_adapter(folder, bridge.FourierFTConfig(n_frequency=2, target_modules=["q"]),
+        ...                          {bridge.spectrum_key("q"): np.ones(2, np.float32)})
+        >>> read_peft(folder, {"q": {"kernel": np.zeros((8, 4), np.float32)}}).spec.layers[0].kernel_shape
+        (8, 4)
+    """
+    name_map = name_map or NameMap()
+    opened = select_adapter(directory, adapter_name)
+    config, file = opened.config, opened.file
+    if params is None and shapes is None:
+        raise CheckpointError(
+            f"{opened.directory}: a PEFT adapter does not record its layer shapes; give the JAX params (or the "
+            f"base model's shapes, e.g. `fourierft convert --base MODEL`)"
+        )
+    known = node_paths(params) if params is not None else None
+    # Which module each replaced tensor belongs to: modules_to_save members, else biases.
+    tensor_names = list(opened.tensors)
+    prefixes = {".".join(name.split(".")[:i]) for name in tensor_names for i in range(1, name.count(".") + 1)}
+    saved_torch = bridge.modules_to_save_names(config, sorted(prefixes))
+    layer_names = [layer.name for layer in opened.layers]
+    member_of = {}
+    bias_modules = []
+    for name in tensor_names:
+        parent = next((m for m in saved_torch if name.startswith(m + ".")), None)
+        if parent is not None:
+            member_of[name] = parent
+        elif name.endswith(".bias") or name == "bias":
+            bias_modules.append(name[: -len(".bias")] if name != "bias" else "")
+        else:
+            raise bridge.AdapterFormatError(
+                f"{file.path}: tensor {name!r} is neither a bias nor part of a modules_to_save module "
+                f"({config.modules_to_save}); not a FourierFT adapter this converter understands"
+            )
+    owners = set(layer_names) | set(bias_modules) | set(saved_torch)
+    owners |= {name.rsplit(".", 1)[0] for name in member_of}
+    owners.discard("")
+    flax_names = name_map.to_flax_names(sorted(owners), known_flax=known)
+
+    def path_of(torch_name: str) -> Path:
+        flax_name = flax_names[torch_name]
+        return known[flax_name] if known is not None else tuple(flax_name.split("."))
+
+    layers = []
+    problems = []
+    for layer in opened.layers:
+        path = path_of(layer.name)
+        if params is not None:
+            node = _subtree(params, path)
+            kernel = node.get("kernel") if isinstance(node, Mapping) else None
+            if kernel is None or np.ndim(kernel) != 2:
+                problems.append(f"layer {layer.name!r} -> {dotted(path)!r}: no 2-D Dense kernel in the params")
+                continue
+            in_features, out_features = (int(d) for d in np.shape(kernel))
+        else:
+            if layer.name not in shapes:
+                problems.append(f"layer {layer.name!r}: no shape given for it")
+                continue
+            out_features, in_features = shapes[layer.name]
+        if layer.n_frequency > in_features * out_features:
+            problems.append(f"layer {layer.name!r}: spectrum has shape ({layer.n_frequency},) but the layer "
+                            f"{out_features} x {in_features} has room for {in_features * out_features} coefficients")
+            continue
+        layers.append(layer_spec(path, in_features, out_features, layer.n_frequency, config))
+    if problems:
+        raise bridge.AdapterFormatError(f"adapter {opened.directory} does not fit the model: " + "; ".join(problems))
+
+    spectra = {layer.name: _read_tensor(file, peft.key) for layer, peft in zip(layers, opened.layers)}
+    biases = {dotted(path_of(m)): _read_tensor(file, opened.tensors[m + ".bias"]) for m in bias_modules}
+    modules: dict[str, Any] = {}
+    for name, module in member_of.items():
+        owner_torch, torch_leaf = name.rsplit(".", 1)
+        top, owner = path_of(module), path_of(owner_torch)
+        if owner[: len(top)] != top:
+            raise bridge.AdapterFormatError(f"name map puts {owner_torch!r} at {dotted(owner)!r}, outside its "
+                                            f"module_to_save {dotted(top)!r}")
+        array = _read_tensor(file, opened.tensors[name])
+        leaf = _flax_leaf(params, owner, torch_leaf, array, name)
+        if leaf == "kernel" and not _is_conv1d(conv1d, owner_torch):
+            array = np.ascontiguousarray(array.T)
+        node = modules.setdefault(dotted(top), {})
+        for key in owner[len(top):]:
+            node = node.setdefault(key, {})
+        node[leaf] = array
+    originals: dict[str, Any] = {}
+    marker = ".original_module."
+    for key in file.keys():
+        rest = key[len(bridge.KEY_PREFIX):]
+        if marker in f".{rest}":
+            module, member = rest.split("original_module.", 1)
+            module = module.rstrip(".")
+            owner_torch = f"{module}.{member.rsplit('.', 1)[0]}" if "." in member else module
+            if owner_torch not in flax_names:
+                continue  # a bias of a sub-module whose name we have no map for: PEFT restores it from the base
+            top, owner = path_of(module), path_of(owner_torch)
+            node = originals.setdefault(dotted(top), {})
+            for part in owner[len(top):]:
+                node = node.setdefault(part, {})
+            node[member.rsplit(".", 1)[-1]] = _read_tensor(file, key)
+    spec = AdapterSpec(tuple(layers), tuple(path_of(m) for m in bias_modules), tuple(path_of(m) for m in saved_torch))
+    if not name_map.is_identity:
+        config = map_config_names(config, flax_names, {l.name: l.n_frequency for l in opened.layers}, saved_torch)
+    file.close()
+    return SavedAdapter(config, spec, {SPECTRA: spectra, BIAS: biases, MODULES_TO_SAVE: modules}, originals)
+
+
+def _subtree(params: Mapping[str, Any], path: Path) -> Any:
+    from .tree import split_collection
+
+    node, _ = split_collection(params)
+    for key in path:
+        node = node[key]
+    return node
+
+
+def _flax_leaf(params: Optional[Mapping[str, Any]], owner: Path, torch_leaf: str, array: np.ndarray, name: str) -> str:
+    if torch_leaf != "weight":
+        return torch_leaf
+    if params is not None:
+        node = _subtree(params, owner)
+        for leaf in ("kernel", "embedding", "scale", "weight"):
+            if isinstance(node, Mapping) and leaf in node:
+                return leaf
+        raise bridge.AdapterFormatError(f"tensor {name!r}: the JAX module {dotted(owner)!r} has no kernel, "
+                                        f"embedding or scale for it")
+    return "kernel" if array.ndim == 2 else "scale"
+
+
+def import_peft(
+    directory: PathLike,
+    target: Any,
+    *,
+    name_map: Optional[NameMap] = None,
+    adapter_name: Optional[str] = None,
+    conv1d: Conv1DRule = None,
+) -> Any:
+    """Load a PEFT adapter directory onto a JAX model: a linen params tree gives a ``FourierFTAdapter``, an NNX
+    model is adapted in place and returned. Strict: every key, name and shape is checked first.
+
+    Example:
+        >>> import numpy as np, tempfile
+        >>> import bridge
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = bridge.write_adapter(folder, bridge.FourierFTConfig(n_frequency=2, target_modules=["q"]),
+        ...                          {bridge.spectrum_key("q"): np.ones(2, np.float32)})
+        >>> import_peft(folder, {"q": {"kernel": np.zeros((8, 4), np.float32)}}).trainable["default"]["spectra"]["q"]
+        Array([1., 1.], dtype=float32)
+    """
+    if isinstance(target, Mapping):
+        view = target
+    else:
+        from .saved_nnx import nnx_params_view
+
+        view = nnx_params_view(target)
+    saved = read_peft(directory, view, name_map=name_map, adapter_name=adapter_name, conv1d=conv1d)
+    return attach(saved, target, adapter_name=adapter_name or "default")
+
+
+__all__ = ["export_peft", "import_peft", "peft_tensors", "read_peft"]
+
+
+def with_base_originals(
+    saved: SavedAdapter, lookup: Callable[[str], Optional[np.ndarray]], name_map: Optional[NameMap] = None
+) -> SavedAdapter:
+    """``saved`` with PEFT's ``original_module`` biases (``bias="all"`` with ``modules_to_save``) read from a base
+    model through ``lookup(torch tensor name) -> array or None``; unchanged when they are not needed or known.
+
+    Example:
+        >>> import numpy as np
+        >>> from fourierft_jax._src.saved import apply_for_doc, from_adapter
+        >>> saved = from_adapter(apply_for_doc({"q": {"kernel": np.zeros((8, 4), np.float32)}}))
+        >>> with_base_originals(saved, lambda name: None).originals
+        {}
+    """
+    if saved.config.bias != "all" or saved.originals or not saved.spec.save_paths:
+        return saved
+    name_map = name_map or NameMap()
+    originals: dict[str, Any] = {}
+    for path in saved.spec.save_paths:
+        for rel, value in flat_leaves(saved.state[MODULES_TO_SAVE][dotted(path)]):
+            if rel[-1] != "bias":
+                continue
+            owner = dotted(path + rel[:-1])
+            torch_name = name_map.to_torch_names([owner])[owner] + ".bias"
+            array = lookup(torch_name)
+            if array is None:
+                raise bridge.AdapterFormatError(
+                    f"the base model has no {torch_name!r}, the original bias PEFT stores for module_to_save "
+                    f"{dotted(path)!r} (bias='all')"
+                )
+            if tuple(np.shape(array)) != tuple(np.shape(value)):
+                raise bridge.AdapterFormatError(
+                    f"base tensor {torch_name!r} has shape {tuple(np.shape(array))} but the adapter's copy has "
+                    f"{tuple(np.shape(value))}"
+                )
+            node = originals.setdefault(dotted(path), {})
+            for key in rel[:-1]:
+                node = node.setdefault(key, {})
+            node["bias"] = np.array(array)
+    return SavedAdapter(saved.config, saved.spec, saved.state, originals)
