@@ -125,19 +125,6 @@ def fit(name, logits_fn: LogitsFn, trainable, frozen, tx, splits, args, checkpoi
     return best, history, eval_logits
 
 
-def export_peft(adapter: fourierft_jax.FourierFTAdapter, trainable, directory: str) -> str:
-    """Write the FourierFT adapter (spectra + classifier) as a PEFT directory for ``BertForSequenceClassification``."""
-    from bridge._src import peft_format
-
-    state = trainable["default"]
-    arrays = {peft_format.spectrum_key(name): np.asarray(spectrum, np.float32)
-              for name, spectrum in state["spectra"].items()}
-    for module, subtree in state["modules_to_save"].items():
-        arrays[f"{peft_format.KEY_PREFIX}{module}.weight"] = np.asarray(subtree["kernel"], np.float32).T
-        arrays[f"{peft_format.KEY_PREFIX}{module}.bias"] = np.asarray(subtree["bias"], np.float32)
-    return peft_format.write_adapter(directory, adapter.configs["default"], arrays)
-
-
 def torch_check(adapter_dir: str, jax_logits: np.ndarray, test_data, merged_jax: dict[str, np.ndarray]) -> dict:
     """Load the exported adapter with PEFT on the torch MiniLM; compare predictions and merged weights."""
     import torch
@@ -235,7 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
         adapter.set_trainable(best)
         accuracy, jax_logits = evaluate(eval_logits, best, frozen, splits["test"], 256)
-        adapter_dir = export_peft(adapter, best, os.path.join(out, "fourierft_peft_adapter"))
+        # The adapter alone (never the base model): an Orbax checkpoint, and the same adapter in PEFT's format.
+        fourierft_jax.save_adapter(os.path.join(out, "fourierft_adapter_orbax"), adapter, overwrite=True)
+        adapter_dir = fourierft_jax.export_peft(adapter, os.path.join(out, "fourierft_peft_adapter"), overwrite=True)
         stored = os.path.getsize(os.path.join(adapter_dir, "adapter_model.safetensors"))
         results["fourierft"] = {
             "trainable_parameters": adapter.num_trainable_params(), "stored_bytes": stored,
@@ -306,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
         plot_curves(histories, os.path.join(out, "learning_curves.png"))
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump({"results": results, "histories": histories, "args": vars(args)}, handle, indent=2)
-    print(f"\nEverything is in {out}: results.json, learning_curves.png, fourierft_peft_adapter/, checkpoints/")
+    print(f"\nEverything is in {out}: results.json, learning_curves.png, fourierft_peft_adapter/ (PEFT), "
+          "fourierft_adapter_orbax/ (Orbax), checkpoints/")
     return {"results": results, "histories": histories}
 
 

@@ -3,7 +3,11 @@
 import json
 import os
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
+
+import fourierft_jax
 
 pytest.importorskip("peft")
 
@@ -32,3 +36,9 @@ def test_pipeline_exports_an_adapter_that_peft_runs_identically(tmp_path):
     assert len(saved["histories"]["fourierft"]) == 2
     config = json.loads((out / "fourierft_peft_adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "FOURIERFT" and config["modules_to_save"] == ["classifier"]
+    # The Orbax adapter checkpoint holds the same spectra, bit for bit, as the exported PEFT file.
+    saved = fourierft_jax.load_adapter(str(out / "fourierft_adapter_orbax"))
+    peft_tensors = load_file(str(out / "fourierft_peft_adapter" / "adapter_model.safetensors"))
+    assert len(saved.state["spectra"]) == 12
+    for name, spectrum in saved.state["spectra"].items():
+        np.testing.assert_array_equal(np.asarray(spectrum), peft_tensors[f"base_model.model.{name}.fourierft_spectrum"])
