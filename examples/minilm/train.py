@@ -176,6 +176,7 @@ def plot_curves(histories: dict[str, list[dict]], path: str) -> None:
     loss_axis.set(xlabel="epoch", ylabel="mean training loss", title="Training loss")
     accuracy_axis.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
     for axis in (loss_axis, accuracy_axis):
+        axis.set_xticks(sorted({h["epoch"] for history in histories.values() for h in history}))
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle("MiniLM on VADER polarity: FourierFT vs LoRA vs head only")
