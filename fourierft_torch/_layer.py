@@ -4,14 +4,25 @@ Same attribute names as PEFT's layer (``base_layer``, ``fourierft_spectrum`` Par
 ``fourierft_scaling`` ...), so the module tree and state-dict names match PEFT's; the forward pass is ours:
 
 * ``"spectral"``: ``base(x) + x ΔWᵀ`` computed in the frequency domain, O(tokens·d·log d), no ΔW at all;
-* ``"fused"``: one ``F.linear(x, W + ΔW, b)`` with ΔW from ``irfft2``; its backward gets the spectrum's gradient
-  from two row FFTs and an ``n × tokens`` gather (never the ``dyᵀx`` matmul);
-* ``"auto"`` (default): ``"spectral"`` while ``tokens · (in + out) ≤ SPECTRAL_RATIO · in · out`` (few tokens:
-  generation, small batches), else ``"fused"`` -- see ``choose_mode``.
+* ``"fused"``: one ``F.linear(x, W + ΔW, b)`` with ΔW from ``irfft2`` of the half spectrum; its backward gets
+  the spectrum's gradient from two row FFTs and an ``n × tokens`` gather (never the ``dyᵀx`` matmul), and the
+  input's FFT is shared by layers that read the same activation (query/key/value);
+* ``"auto"`` (default): ``"spectral"`` while ``tokens · (in + out) ≤ SPECTRAL_RATIO · in · out``, else
+  ``"fused"`` -- see ``choose_mode``.
+
+The auto rule. Spectral costs grow with the token count (an FFT of every token row in and out), fused costs a
+fixed ``irfft2`` of the ``out × in`` ΔW plus the matmul the base layer does anyway; so spectral wins below a
+token count proportional to ``in·out/(in+out)``. ``SPECTRAL_RATIO`` is the measured constant of that
+proportionality (``benchmarks/torch_auto_rule.py``, CPU, torch 2.13, n_frequency=1000; table in BENCHMARKS.md):
+measured crossovers (forward+backward and forward only, interpolated between the measured token counts) give
+``T*·(in+out)/(in·out)`` between 0.4 (768×768) and 1.1 (3072×768), and about 0.5 for 4096×4096; 0.5 sits
+inside that range, and near the crossover the two modes differ little. So BERT-base training batches (1024
+tokens) take ``"fused"``, single-sequence generation and small batches ``"spectral"``.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -23,9 +34,19 @@ import bridge
 from ._spectral import delta_weight, fused_linear, make_grad_plan, make_plan, spectral_delta
 
 FORWARD_MODES = ("auto", "spectral", "fused")
-# Measured on the BERT-base benchmark shapes (benchmarks/torch_step.py): below this many tokens per unit of
+# Calibrated with benchmarks/torch_auto_rule.py (see the module docstring): below this many tokens per unit of
 # in*out/(in+out) the token-proportional spectral form beats building ΔW.
-SPECTRAL_RATIO = 0.125
+SPECTRAL_RATIO = 0.5
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(out_features: int, in_features: int, n_frequency: int, seed: int) -> torch.Tensor:
+    # PEFT uses one seed for every layer, so layers of equal shape share positions: compute them once.
+    return torch.from_numpy(bridge.spectral_indices(out_features, in_features, n_frequency, seed))
+
+
+# Index plans depend only on (shape, n, seed, device); layers of equal shape share one.
+_PLANS: dict[tuple, tuple] = {}
 
 
 def _conv1d_class() -> Optional[type]:
@@ -78,6 +99,11 @@ class FourierFTLinear(nn.Module):
         config: its ``FourierFTConfig``.
         n_frequency: the layer's ``n_frequency`` (after ``n_frequency_pattern``).
         fan_in_fan_out: weight stored ``(in, out)``; corrected (with PEFT's warning) to fit the layer's type.
+
+    Attributes (plain settings, not saved):
+        forward_mode: ``"auto"`` (default), ``"spectral"`` or ``"fused"`` (see the module docstring).
+        keep_delta: fused mode only; ``True`` (default) keeps ``W + ΔW`` from forward for backward; ``False``
+            rebuilds it there (one ``irfft2`` more per layer and step, one weight-sized buffer less per layer).
 
     Example:
         >>> import bridge
@@ -132,6 +158,9 @@ class FourierFTLinear(nn.Module):
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
         self.forward_mode = "auto"
+        # fused mode: keep W + ΔW between forward and backward (faster; one weight-sized buffer per layer, and
+        # the peak RSS still stays below PEFT's, which keeps ΔW alive for its own backward).
+        self.keep_delta = True
         self.update_layer(adapter_name, n_frequency, config)
 
     @property
@@ -145,11 +174,11 @@ class FourierFTLinear(nn.Module):
                 f"`n_frequency` must be in 1..{self.in_features * self.out_features} (in*out) for this "
                 f"{self.out_features}x{self.in_features} layer, got {n_frequency}"
             )
-        indices = bridge.spectral_indices(self.out_features, self.in_features, n_frequency, config.random_loc_seed)
+        indices = _positions(self.out_features, self.in_features, n_frequency, config.random_loc_seed)
         self.fourierft_n_frequency[adapter_name] = n_frequency
         self.fourierft_random_loc_seed[adapter_name] = config.random_loc_seed
         self.fourierft_scaling[adapter_name] = float(config.scaling)
-        self.indices[adapter_name] = torch.from_numpy(indices)
+        self.indices[adapter_name] = indices
         self._plans[adapter_name] = None
         weight = self.base_layer.weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
@@ -162,10 +191,14 @@ class FourierFTLinear(nn.Module):
     def _plan(self, adapter_name: str, device: torch.device):
         cached = self._plans.get(adapter_name)
         if cached is None or cached[0] != device:
-            indices = self.indices[adapter_name]
-            spectral = make_plan(indices, self.out_features, self.in_features).to(device)
-            grad = make_grad_plan(indices, self.out_features, self.in_features).to(device)
-            cached = (device, spectral, grad)
+            key = (self.out_features, self.in_features, self.fourierft_n_frequency[adapter_name],
+                   self.fourierft_random_loc_seed[adapter_name], str(device))
+            cached = _PLANS.get(key)
+            if cached is None:
+                indices = self.indices[adapter_name]
+                spectral = make_plan(indices, self.out_features, self.in_features).to(device)
+                grad = make_grad_plan(indices, self.out_features, self.in_features).to(device)
+                cached = _PLANS[key] = (device, spectral, grad)
             self._plans[adapter_name] = cached
         return cached[1], cached[2]
 
@@ -237,7 +270,7 @@ class FourierFTLinear(nn.Module):
                 plan, grad_plan = self._plan(name, device)
                 adapters.append((plan, grad_plan, self.fourierft_scaling[name]))
                 spectra.append(self.fourierft_spectrum[name])
-            return fused_linear(x, self._torch_weight(), self.base_layer.bias, adapters, spectra)
+            return fused_linear(x, self._torch_weight(), self.base_layer.bias, adapters, spectra, self.keep_delta)
         result = self.base_layer(x, *args, **kwargs)
         previous_dtype = result.dtype
         for name in active:

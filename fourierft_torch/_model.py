@@ -56,6 +56,23 @@ class FourierFTModel(nn.Module):
         self.active_adapter = adapter_name
         self.add_adapter(adapter_name, config)
 
+    @property
+    def active_adapter(self) -> Union[str, list[str], None]:
+        """The active adapter's name; a list when several are active at once (as PEFT's tuner model)."""
+        names = self.__dict__.get("_active", [])
+        if not names:
+            return None
+        return names[0] if len(names) == 1 else list(names)
+
+    @active_adapter.setter
+    def active_adapter(self, value: Union[str, Sequence[str], None]) -> None:
+        self.__dict__["_active"] = [] if value is None else [value] if isinstance(value, str) else list(value)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters' names, always a list."""
+        return list(self.__dict__.get("_active", []))
+
     # ------------------------------------------------------------------ structure
     def __getattr__(self, name: str) -> Any:
         try:
@@ -207,37 +224,49 @@ class FourierFTModel(nn.Module):
 
     def _refresh(self) -> None:
         """Apply PEFT's trainability rules for the active adapter(s)."""
-        active = self.active_adapter
-        config = self.peft_config.get(active)
+        active = [name for name in self.active_adapters if name in self.peft_config]
+        trainable = {name for name in active if not self.peft_config[name].inference_mode}
+        biases = {self.peft_config[name].bias for name in trainable}
         for param in self.model.parameters():
             param.requires_grad_(False)
-        trainable = config is not None and not config.inference_mode
         for layer in self._fourier_layers().values():
-            layer.active_adapters = [active]
+            layer.active_adapters = list(active)
             for name, spectrum in layer.fourierft_spectrum.items():
-                spectrum.requires_grad_(trainable and name == active)
-        if trainable and config.bias == "all":
+                spectrum.requires_grad_(name in trainable)
+        if "all" in biases:
             for name, param in self.model.named_parameters():
                 if (name == "bias" or name.endswith(".bias")) and ".fourierft_spectrum." not in name:
                     param.requires_grad_(True)
-        elif trainable and config.bias == "fourier_only":
+        elif "fourier_only" in biases:
             for layer in self._fourier_layers().values():
-                if active in layer.fourierft_spectrum and getattr(layer.base_layer, "bias", None) is not None:
+                if trainable & set(layer.fourierft_spectrum) and getattr(layer.base_layer, "bias", None) is not None:
                     layer.base_layer.bias.requires_grad_(True)
         for wrapper in self._wrappers().values():
-            wrapper.set_adapter(active, trainable=trainable)
+            here = [name for name in active if name in wrapper.modules_to_save]
+            wrapper.set_adapter(here[0] if here else None, trainable=bool(here) and here[0] in trainable)
             wrapper.original_module.requires_grad_(False)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active (and trainable) adapter."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
-        self.active_adapter = adapter_name
-        self._refresh()
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        """Make ``adapter_name`` the active (and trainable) adapter; a list activates several at once (their ΔW add up).
 
-    @property
-    def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+        Example:
+            >>> import fourierft_torch
+            >>> model = fourierft_torch.get_fourierft_model(nn.Sequential(nn.Linear(4, 4)),
+            ...     fourierft_torch.FourierFTConfig(n_frequency=3, target_modules=["0"]))
+            >>> model.add_adapter("other", fourierft_torch.FourierFTConfig(n_frequency=2, target_modules=["0"]))
+            >>> model.set_adapter(["default", "other"]); model.active_adapters
+            ['default', 'other']
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"unknown adapter(s) {unknown or names!r}; adapters: {sorted(self.peft_config)}")
+        for path, wrapper in self._wrappers().items():
+            here = [name for name in names if name in wrapper.modules_to_save]
+            if len(here) > 1:
+                raise ValueError(f"Attempted to set multiple ({here}) adapters at once for modules_to_save ({path}).")
+        self.active_adapter = names
+        self._refresh()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; if it was active, the first remaining one becomes active."""
@@ -260,8 +289,8 @@ class FourierFTModel(nn.Module):
                 del wrapper.modules_to_save[adapter_name]
             if not len(wrapper.modules_to_save):
                 self._replace(name, wrapper.original_module)
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.peft_config), None)
+        remaining = [name for name in self.active_adapters if name != adapter_name]
+        self.active_adapter = remaining or next(iter(self.peft_config), None)
         self._refresh()
 
     @contextlib.contextmanager
@@ -468,7 +497,7 @@ class FourierFTModel(nn.Module):
             for key in keys:
                 target = self._tensor_for(key, adapter_name, layers, wrappers, logical)
                 target.copy_(tensors[key.key].to(device=target.device, dtype=target.dtype))
-        if self.active_adapter not in self.peft_config or len(self.peft_config) == 1:
+        if not any(name in self.peft_config for name in self.active_adapters) or len(self.peft_config) == 1:
             self.active_adapter = adapter_name
         self._refresh()
 

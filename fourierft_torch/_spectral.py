@@ -17,6 +17,7 @@ Everything runs in float32 (torch has no half-precision CPU FFTs); callers cast 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import numpy as np
 import torch
@@ -29,8 +30,8 @@ class SpectralPlan:
     """Precomputed index maps of one layer's positions (see module docstring).
 
     ``coef``: which spectrum entry feeds each term; ``src``: the ``rfft`` column read; ``sign``: ``±1`` on the
-    imaginary part (conjugation); ``bin``: the half-spectrum output bin; ``half_*``: the two scatter targets of
-    ``delta_weight`` (row, col and which coefficient).
+    imaginary part (conjugation); ``bin``: the half-spectrum output bin; ``half_flat``/``half_coef``: where
+    ``delta_weight`` adds which coefficient (index of the real part in the flattened ``(out, in//2+1, 2)`` buffer).
     """
 
     out_features: int
@@ -39,12 +40,11 @@ class SpectralPlan:
     src: torch.Tensor
     sign: torch.Tensor
     bin: torch.Tensor
-    half_rows: torch.Tensor
-    half_cols: torch.Tensor
+    half_flat: torch.Tensor
     half_coef: torch.Tensor
 
     def to(self, device: torch.device) -> SpectralPlan:
-        tensors = ("coef", "src", "sign", "bin", "half_rows", "half_cols", "half_coef")
+        tensors = ("coef", "src", "sign", "bin", "half_flat", "half_coef")
         return dataclasses.replace(self, **{name: getattr(self, name).to(device) for name in tensors})
 
 
@@ -87,8 +87,7 @@ def make_plan(indices: np.ndarray | torch.Tensor, out_features: int, in_features
         src=as_long(srcs),
         sign=torch.from_numpy(signs.astype(np.float32)),
         bin=as_long(bins),
-        half_rows=as_long(half_rows),
-        half_cols=as_long(half_cols),
+        half_flat=as_long((half_rows * (in_features // 2 + 1) + half_cols) * 2),
         half_coef=as_long(half_coef),
     )
 
@@ -105,10 +104,13 @@ def delta_weight(spectrum: torch.Tensor, plan: SpectralPlan, scaling: float) -> 
     """
     out_features, in_features = plan.out_features, plan.in_features
     dtype = torch.float64 if spectrum.dtype == torch.float64 else torch.float32
-    values = spectrum.to(dtype).index_select(0, plan.half_coef) * 0.5
-    half = torch.zeros(out_features, in_features // 2 + 1, dtype=dtype, device=spectrum.device)
-    half = half.index_put((plan.half_rows, plan.half_cols), values, accumulate=True)
-    return torch.fft.irfft2(torch.complex(half, torch.zeros_like(half)), s=(out_features, in_features)) * scaling
+    # The scaling goes on the n coefficients, not on the out*in result; the buffer is built directly as the
+    # interleaved (re, im) storage of the complex half spectrum (no complex() copy, no 2-D index_put).
+    values = spectrum.to(dtype).index_select(0, plan.half_coef) * (0.5 * float(scaling))
+    half = torch.zeros(out_features * (in_features // 2 + 1) * 2, dtype=dtype, device=spectrum.device)
+    half.index_add_(0, plan.half_flat, values)
+    half = torch.view_as_complex(half.view(out_features, in_features // 2 + 1, 2))
+    return torch.fft.irfft2(half, s=(out_features, in_features))
 
 
 def _hermitian_weights(n: int, half: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -197,9 +199,10 @@ class GradPlan:
     rows: torch.Tensor
     cols: torch.Tensor
     sign: torch.Tensor
+    table_rows: torch.Tensor
 
     def to(self, device: torch.device) -> GradPlan:
-        return GradPlan(self.rows.to(device), self.cols.to(device), self.sign.to(device))
+        return GradPlan(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
 def make_grad_plan(indices: np.ndarray | torch.Tensor, out_features: int, in_features: int) -> GradPlan:
@@ -212,17 +215,81 @@ def make_grad_plan(indices: np.ndarray | torch.Tensor, out_features: int, in_fea
     indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
     rows, row_sign = _signed_rows(indices[0], out_features)
     cols, col_sign = _signed_rows(indices[1], in_features)
+    sign = row_sign * col_sign
     return GradPlan(
         torch.from_numpy(np.ascontiguousarray(rows)),
         torch.from_numpy(np.ascontiguousarray(cols)),
-        torch.from_numpy((row_sign * col_sign).astype(np.float32)),
+        torch.from_numpy(sign.astype(np.float32)),
+        torch.from_numpy(np.ascontiguousarray(cols + np.where(sign > 0, in_features // 2 + 1, 0))),
     )
 
 
-def _features_first_rfft(v: torch.Tensor) -> torch.Tensor:
-    # (B, n) -> (n//2+1, B, 2): rows are gathered whole, which torch does much faster than inner-dim gathers.
+def _bins_first_spectrum(v: torch.Tensor) -> torch.Tensor:
+    """``rfft`` of each row of ``v`` (``(..., n)``), laid out ``(n//2+1, tokens)`` with (re, im) packed in 64 bits.
+
+    The FFT runs along the contiguous axis (its fastest layout); the 64-bit view makes the transpose and the row
+    gathers that follow move one element per complex value, and row gathers are the fast kind in torch.
+    """
     dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
-    return torch.view_as_real(torch.fft.rfft(v.t().to(dtype), dim=0))
+    spectrum = torch.view_as_real(torch.fft.rfft(v.reshape(-1, v.shape[-1]).to(dtype), dim=-1))
+    packed = spectrum.reshape(spectrum.shape[0], -1).view(torch.complex128 if dtype == torch.float64 else torch.float64)
+    return packed.t().contiguous()
+
+
+def _input_table(x: torch.Tensor) -> torch.Tensor:
+    # Rows [0, bins): x's spectrum; rows [bins, 2*bins): its conjugate. Gathering row `col + bins*[sign > 0]` gives
+    # the factor whose plain dot product with dy's spectrum is ``Re(...)`` with the right conjugations.
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    spectrum = torch.view_as_real(torch.fft.rfft(x.reshape(-1, x.shape[-1]).to(dtype), dim=-1))
+    packed = spectrum.reshape(spectrum.shape[0], -1).view(torch.complex128 if dtype == torch.float64 else torch.float64)
+    bins = packed.shape[1]
+    table = torch.empty(2 * bins, packed.shape[0], dtype=packed.dtype, device=packed.device)
+    table[:bins].copy_(packed.t())
+    table[bins:].copy_(table[:bins])
+    table = _as_float(table)
+    table[bins:].view(bins, -1, 2)[:, :, 1].neg_()
+    return table
+
+
+def _as_float(packed: torch.Tensor) -> torch.Tensor:
+    return packed.view(torch.float64 if packed.dtype == torch.complex128 else torch.float32)
+
+
+class _InputSpectrumCache:
+    """The last input's spectrum table: query, key and value read the same activation, so backward builds it once.
+
+    Keyed on the tensor object itself (held weakly, so the activation is never kept alive by the cache) and its
+    version counter (an in-place change invalidates it); the entry is dropped when the activation is freed.
+    """
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._version = -1
+        self._value: torch.Tensor | None = None
+
+    def _clear(self, _ref: object = None) -> None:
+        self._ref, self._value = None, None
+
+    def get(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ref is not None and self._ref() is x and self._version == x._version:
+            return self._value  # type: ignore[return-value]
+        value = _input_table(x)
+        try:
+            self._ref = weakref.ref(x, self._clear)
+        except TypeError:
+            self._clear()
+            return value
+        self._version, self._value = x._version, value
+        return value
+
+
+_INPUT_SPECTRA = _InputSpectrumCache()
+
+
+def _spectrum_grad(x_table: torch.Tensor, grad_output: torch.Tensor, grad_plan: GradPlan, scale: float) -> torch.Tensor:
+    products = _as_float(_bins_first_spectrum(grad_output).index_select(0, grad_plan.rows))  # (n, 2·tokens)
+    products.mul_(x_table.index_select(0, grad_plan.table_rows))
+    return products.sum(1) * scale
 
 
 def spectrum_grad(
@@ -231,7 +298,7 @@ def spectrum_grad(
     """``∂L/∂spectrum`` for ``y = x (W + ΔW)ᵀ`` given ``dy``: gathered entries of ``fft2(dyᵀx)`` without ``dyᵀx``.
 
     ``Σ_{p,q} (dyᵀx)[p,q] e^{2πi(r p/out + c q/in)} = Σ_b conj(fft(dy)[b,r]) conj(fft(x)[b,c])``, so two row FFTs
-    and an ``n × B`` gather-dot replace the ``B·out·in`` weight-gradient matmul.
+    and an ``n × tokens`` gather-multiply-sum replace the ``tokens·out·in`` weight-gradient matmul.
 
     Example:
         >>> idx = bridge.spectral_indices(8, 6, 5, 777)
@@ -241,56 +308,64 @@ def spectrum_grad(
         True
     """
     out_features, in_features = grad_output.shape[-1], x.shape[-1]
-    dy_hat = _features_first_rfft(grad_output.reshape(-1, out_features)).index_select(0, grad_plan.rows)
-    x_hat = _features_first_rfft(x.reshape(-1, in_features)).index_select(0, grad_plan.cols)
-    products = torch.einsum("nbc,nbc->nc", dy_hat, x_hat)
-    return (products[:, 0] - grad_plan.sign.to(products.dtype) * products[:, 1]) * (float(scaling) / (out_features * in_features))
+    return _spectrum_grad(_input_table(x), grad_output, grad_plan, float(scaling) / (out_features * in_features))
 
 
 class _FusedLinear(torch.autograd.Function):
-    """``F.linear(x, W + Σ ΔW_a, b)`` whose backward never forms the ``dyᵀx`` matmul for the spectra.
+    """``F.linear(x, W + Σ ΔW_a, b)`` whose backward never forms the ``dyᵀx`` matmul.
 
-    ΔW is recomputed in backward (an ``irfft2``, cheap next to the matmuls) rather than kept alive.
+    ΔW is built in forward; backward needs ``W + ΔW`` again for the input gradient. ``keep_delta=False`` rebuilds
+    it (one more ``irfft2``, about a fifth of one forward matmul at BERT-base shapes); ``True`` keeps the
+    ``out × in`` effective weight alive between the passes (faster, one weight-sized buffer per layer). The frozen
+    weight's own gradient is only computed if the weight requires grad.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, adapters, *spectra):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, adapters, keep_delta, *spectra):  # type: ignore[override]
         with torch.no_grad():
             effective = _effective_weight(weight, adapters, spectra)
             out = torch.nn.functional.linear(x, effective, bias)
         ctx.adapters = adapters
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, *spectra)
+        ctx.keep_delta = keep_delta
+        ctx.save_for_backward(x, weight, effective if keep_delta else None, *spectra)
         return out
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
-        x, weight, *spectra = ctx.saved_tensors
+        x, weight, effective, *spectra = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_x = grad_weight = grad_bias = None
         if needs[0]:
-            effective = _effective_weight(weight, ctx.adapters, spectra)
+            if effective is None:
+                with torch.no_grad():
+                    effective = _effective_weight(weight, ctx.adapters, spectra)
             grad_x = grad_output.matmul(effective.to(grad_output.dtype)).to(x.dtype)
+        del effective
         if needs[1]:
             flat_dy = grad_output.reshape(-1, grad_output.shape[-1])
             grad_weight = flat_dy.t().matmul(x.reshape(-1, x.shape[-1]).to(flat_dy.dtype)).to(weight.dtype)
         if needs[2] and ctx.has_bias:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         grad_spectra = []
+        x_table = None
+        out_features, in_features = weight.shape
         for index, ((_, grad_plan, scaling), spectrum) in enumerate(zip(ctx.adapters, spectra)):
-            if needs[4 + index]:
-                grad = spectrum_grad(x, grad_output, grad_plan, scaling)
-                grad_spectra.append(grad.to(spectrum.dtype))
+            if needs[5 + index]:
+                if x_table is None:
+                    x_table = _INPUT_SPECTRA.get(x)
+                scale = float(scaling) / (out_features * in_features)
+                grad_spectra.append(_spectrum_grad(x_table, grad_output, grad_plan, scale).to(spectrum.dtype))
             else:
                 grad_spectra.append(None)
-        return (grad_x, grad_weight, grad_bias, None, *grad_spectra)
+        return (grad_x, grad_weight, grad_bias, None, None, *grad_spectra)
 
 
 def _effective_weight(weight: torch.Tensor, adapters, spectra) -> torch.Tensor:
     delta = None
     for (plan, _, scaling), spectrum in zip(adapters, spectra):
         term = delta_weight(spectrum, plan, scaling)
-        delta = term if delta is None else delta + term
+        delta = term if delta is None else delta.add_(term)
     return weight + delta.to(weight.dtype)
 
 
@@ -300,8 +375,11 @@ def fused_linear(
     bias: torch.Tensor | None,
     adapters: list[tuple[SpectralPlan, GradPlan, float]],
     spectra: list[torch.Tensor],
+    keep_delta: bool = False,
 ) -> torch.Tensor:
     """``F.linear(x, W + Σ_a ΔW_a, b)`` with ``weight`` in ``(out, in)`` layout; gradients for x, W, b and spectra.
+
+    ``keep_delta``: keep ``W + ΔW`` for backward instead of rebuilding it (see ``_FusedLinear``).
 
     Example:
         >>> idx = bridge.spectral_indices(8, 6, 5, 777)
@@ -310,4 +388,4 @@ def fused_linear(
         >>> torch.allclose(fused_linear(x, w, None, plans, [c]), x @ (w + delta_weight(c, plans[0][0], 2.0)).T, atol=1e-5)
         True
     """
-    return _FusedLinear.apply(x, weight, bias, tuple(adapters), *spectra)
+    return _FusedLinear.apply(x, weight, bias, tuple(adapters), bool(keep_delta), *spectra)

@@ -168,17 +168,20 @@ def test_layer_too_small(tmp_path):
     assert "lin0" in message
 
 
-def test_safe_merge_nan_leaves_weights(tmp_path):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_safe_merge_nan_leaves_weights(bad):
     torch.manual_seed(0)
     model = fourierft_torch.get_fourierft_model(_models.MLP(), fourierft_torch.FourierFTConfig(
         n_frequency=6, target_modules=["lin0", "lin1"]))
     with torch.no_grad():
-        model.model.lin1.fourierft_spectrum["default"][0] = float("nan")
+        model.model.lin1.fourierft_spectrum["default"][0] = bad
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="NaN"):
-        model.merge_and_unload(safe_merge=True)
-    assert all(torch.equal(before[k], v) or torch.isnan(v).any() for k, v in model.state_dict().items())
-    assert torch.equal(model.model.lin0.base_layer.weight, before["model.lin0.base_layer.weight"])
+    for merge in (lambda: model.merge_and_unload(safe_merge=True), lambda: model.merge_adapter(safe_merge=True)):
+        with pytest.raises(ValueError, match="NaN"):
+            merge()
+        # lin0 (fine) comes first in the model and is not merged either: nothing changes, nothing is unwrapped.
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "spectrum" not in k)
+        assert isinstance(model.model.lin0, fourierft_torch.FourierFTLinear) and not model.model.lin0.merged
 
 
 def test_training_changes_only_adapter():

@@ -26,12 +26,15 @@ CASES = [
     ("mlp", dict(n_frequency=7, target_modules=["lin0", "lin1"])),
     ("mlp", dict(target_modules=["lin0", "lin1"], n_frequency_pattern={"lin0": 5, "lin1": 10})),
     ("mlp", dict(n_frequency=7, target_modules=["lin0", "lin1"], bias="all")),
-    ("bert", dict(n_frequency=50, target_modules=None)),
-    ("bert", dict(n_frequency=50, target_modules=["query", "key", "value", "dense"], bias="fourier_only")),
-    ("gpt2", dict(n_frequency=50, target_modules=["c_attn", "c_proj", "c_fc"])),
-    ("gpt2", dict(n_frequency=50, target_modules=None)),
-    ("llama", dict(n_frequency=60, target_modules="all-linear", scaling=30.0)),
-    ("llama", dict(n_frequency=60, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
+    # Tiny transformers (32 wide): scaling chosen so that ΔW's entries are about as large as in real use
+    # (std ≈ 0.005 at 768 wide, n=1000, scaling=150), not ~1 -- the default 150 on a 32x32 layer would swamp W
+    # and make the network ill-conditioned.
+    ("bert", dict(n_frequency=50, target_modules=None, scaling=1.0)),
+    ("bert", dict(n_frequency=50, target_modules=["query", "key", "value", "dense"], bias="fourier_only", scaling=1.0)),
+    ("gpt2", dict(n_frequency=50, target_modules=["c_attn", "c_proj", "c_fc"], scaling=1.0)),
+    ("gpt2", dict(n_frequency=50, target_modules=None, scaling=1.0)),
+    ("llama", dict(n_frequency=60, target_modules="all-linear", scaling=1.0)),
+    ("llama", dict(n_frequency=60, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], scaling=1.0)),
 ]
 
 
@@ -61,20 +64,30 @@ def _spectra(model):
     }
 
 
-def _close(a, b, rtol=2e-5):
-    # Relative error in the Frobenius norm: two float32 computations through LayerNorms differ by roundoff.
+def _error(a, b):
     a, b = a.detach().double(), b.detach().double()
-    error = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _close(a, b, rtol=1e-5):
+    # Relative error in the Frobenius norm (float32 against float32: roundoff only).
+    error = _error(a, b)
     assert error <= rtol, error
 
 
-@pytest.mark.parametrize("mode", ["spectral", "fused"])
-@pytest.mark.parametrize("kind,kwargs", CASES)
+# "fused+rebuild" (keep_delta=False) differs from "fused" only in where backward gets W + ΔW: a subset suffices.
+PARAMS = [(kind, kwargs, mode) for kind, kwargs in CASES for mode in ("spectral", "fused")] + [
+    (kind, kwargs, "fused+rebuild") for kind, kwargs in CASES if kind != "llama"
+]
+
+
+@pytest.mark.parametrize("kind,kwargs,mode", PARAMS)
 def test_matches_peft(kind, kwargs, mode):
     theirs, ours = _pair(kind, kwargs)
     for module in ours.modules():
         if isinstance(module, fourierft_torch.FourierFTLinear):
-            module.forward_mode = mode
+            module.forward_mode = mode.partition("+")[0]
+            module.keep_delta = not mode.endswith("+rebuild")
     their_spectra, our_spectra = _spectra(theirs), _spectra(ours)
     assert sorted(their_spectra) == sorted(our_spectra)
     for name in their_spectra:  # same seed -> same torch.randn draws, same order
@@ -89,9 +102,14 @@ def test_matches_peft(kind, kwargs, mode):
     weight = torch.randn(y_theirs.shape, generator=torch.Generator().manual_seed(3))
     (y_theirs * weight).sum().backward()
     (y_ours * weight).sum().backward()
+    with_grad = [name for name in their_spectra if their_spectra[name].grad is not None]
+    # A layer whose output does not reach the loss (BERT's pooler here) has no gradient in either.
+    assert len(with_grad) >= len(their_spectra) - 1, sorted(set(their_spectra) - set(with_grad))
     for name in their_spectra:
-        # Gradients pass back through LayerNorms/attention in two float32 orders of summation.
-        _close(our_spectra[name].grad, their_spectra[name].grad, rtol=5e-5)
+        if their_spectra[name].grad is None:
+            assert our_spectra[name].grad is None, name
+        else:
+            _close(our_spectra[name].grad, their_spectra[name].grad)
 
     with torch.no_grad():
         theirs.merge_adapter()
