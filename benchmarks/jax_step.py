@@ -2,13 +2,16 @@
 
 Variants, each in its own subprocess (so peak RSS is per variant):
   floor     every kernel frozen, only LayerNorm trainable (gradients still flow through every layer)
-  merge     FourierFT, model.apply on W + ΔW (ΔW via irfft2)
+  merge     FourierFT, model.apply on W + ΔW (ΔW via irfft2; autodiff forms xᵀdy per layer)
   spectral  FourierFT, adapter output in the spectral domain at each targeted Dense (no ΔW)
+  fused     FourierFT, x @ (W + ΔW) with the FFT-based spectrum gradient (no xᵀdy)
+  auto      FourierFT, the default: fused or spectral per layer by fourierft_jax's choose_path
   lora      LoRA r=8 (a minimal JAX LoRA added at each targeted Dense call)
 for targets {query,value} and {query,key,value,dense}; AdamW, batch 8x128, n_frequency 1000.
-Prints the median jitted step time, its ratio to the floor measured in the same run, and peak RSS.
+Prints min and median jitted step times, their ratios to the floor measured in the same run, and peak RSS;
+then a per-layer breakdown (forward + backward of one adapted Dense, and its parts) at the benchmark's shapes.
 
-    flock /tmp/bench.lock python benchmarks/jax_step.py --steps 3
+    flock /tmp/bench.lock python benchmarks/jax_step.py --steps 5
 """
 
 from __future__ import annotations
@@ -130,7 +133,11 @@ def run_variant(variant: str, targets: str, steps: int, args) -> dict:
             leaves = [trainable.get(jax.tree_util.keystr(p), v) for p, v in flat]
             return model.apply(jax.tree_util.tree_unflatten(treedef, leaves), ids)
 
-    elif variant in ("merge", "spectral"):
+    elif variant in ("merge", "spectral", "fused", "auto"):
+        if args.keep_effective:
+            from fourierft_jax._src import fused as fused_module
+
+            fused_module.KEEP_EFFECTIVE = True
         config = fourierft_jax.FourierFTConfig(n_frequency=args.n_frequency, scaling=150.0,
                                                target_modules=TARGETS[targets])
         adapter = fourierft_jax.apply(params, config, key=jax.random.key(3))
@@ -223,6 +230,78 @@ def run_delta(args) -> dict:
     return out
 
 
+def _timed(f, *operands, repeats: int = 10) -> float:
+    import jax
+
+    f = jax.jit(f)
+    jax.block_until_ready(f(*operands))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(*operands))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run_layers(args) -> dict:
+    """Forward + backward of one Dense (tokens = batch·seq) per path, and the parts of the FourierFT paths."""
+    sys.path.insert(0, ROOT)
+    import jax
+    import jax.numpy as jnp
+
+    import fourierft_jax
+    from fourierft_jax._src.fused import _grad_plan, fused_dense
+    from fourierft_jax._src.spectral import spectral_delta
+
+    tokens = args.batch * args.seq
+    out = {"variant": "layers", "tokens": tokens}
+    shapes = ((args.hidden, args.hidden), (args.hidden, args.intermediate), (args.intermediate, args.hidden))
+    for n_in, n_out in shapes:
+        layer = fourierft_jax.LayerSpec(("x",), n_in, n_out, args.n_frequency, 150.0, 777)
+        keys = jax.random.split(jax.random.key(0), 4)
+        x = jax.random.normal(keys[0], (tokens, n_in))
+        w = jax.random.normal(keys[1], (n_in, n_out)) / n_in**0.5
+        c = jax.random.normal(keys[2], (args.n_frequency,))
+        dy = jax.random.normal(keys[3], (tokens, n_out))
+
+        def vjp_of(fn):
+            # What a training step needs from this layer: the output, dx, and (if adapted) dc.
+            def run(x, c, dy):
+                y, pull = jax.vjp(fn, x, c)
+                return y, pull(dy)
+            return run
+
+        paths = {
+            "floor": vjp_of(lambda x, c: x @ w),
+            "fused": vjp_of(lambda x, c: fused_dense(x, w, c, layer)),
+            "spectral": vjp_of(lambda x, c: x @ w + spectral_delta(x, c, layer)),
+            "merge": vjp_of(lambda x, c: x @ (w + fourierft_jax.delta_kernel(c, layer))),
+        }
+        col_half, row_half, sign, _ = _grad_plan(layer)
+
+        def grad_gather(x, dy):  # the fused backward's spectrum gradient (same layout as fused.py)
+            xh, yh = jnp.fft.rfft(x, axis=-1), jnp.fft.rfft(dy, axis=-1)
+            xt = jnp.stack([xh.real.T, xh.imag.T], 1)
+            yt = jnp.stack([yh.real.T, yh.imag.T], 1)
+            p = jnp.sum(yt[row_half] * xt[col_half], 2)
+            return p[:, 0] - sign * p[:, 1]
+
+        parts = {
+            "matmul x@W": (lambda x: x @ w, x),
+            "irfft2 ΔW build": (lambda c: fourierft_jax.delta_kernel(c, layer), c),
+            "rfft x": (lambda x: jnp.fft.rfft(x, axis=-1), x),
+            "rfft dy": (lambda dy: jnp.fft.rfft(dy, axis=-1), dy),
+            "rffts + gather-sum (dc)": (grad_gather, x, dy),
+            "weight grad xᵀdy": (lambda x, dy: x.T @ dy, x, dy),
+        }
+        label = f"{n_in}x{n_out}"
+        for name, fn in paths.items():
+            out[f"{label} {name} fwd+bwd"] = _timed(fn, x, c, dy)
+        for name, (fn, *operands) in parts.items():
+            out[f"{label} {name}"] = _timed(fn, *operands)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one compile step)")
@@ -233,20 +312,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--n-frequency", type=int, default=1000)
-    parser.add_argument("--variants", default="floor,merge,spectral,lora")
+    parser.add_argument("--variants", default="floor,merge,spectral,fused,auto,lora")
+    parser.add_argument("--keep-effective", action="store_true",
+                        help="fused path: keep W + ΔW between the passes instead of rebuilding it")
+    parser.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
     parser.add_argument("--targets", default="qv,all")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         variant, _, targets = args.child.partition(":")
-        result = run_delta(args) if variant == "delta" else run_variant(variant, targets, args.steps, args)
+        runners = {"delta": run_delta, "layers": run_layers}
+        result = runners[variant](args) if variant in runners else run_variant(variant, targets, args.steps, args)
         print("RESULT " + json.dumps(result))
         return
 
     jobs = [("floor", "-")] if "floor" in args.variants.split(",") else []
     jobs += [(v, t) for t in args.targets.split(",") for v in args.variants.split(",") if v != "floor"]
     jobs.append(("delta", "-"))
+    if not args.no_layers:
+        jobs.append(("layers", "-"))
     passthrough = [a for a in sys.argv[1:]]
     results = []
     for variant, targets in jobs:
@@ -267,7 +352,7 @@ def main() -> None:
           "× floor | RSS while stepping (GB) | × floor | trainable |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        if r["variant"] == "delta":
+        if r["variant"] in ("delta", "layers"):
             continue
         ratio = r["median_s"] / floor["median_s"] if floor else float("nan")
         rss = r["peak_rss_gb"] / floor["peak_rss_gb"] if floor else float("nan")
@@ -279,6 +364,12 @@ def main() -> None:
     delta = next(r for r in results if r["variant"] == "delta")
     print("ΔW build (jitted, median of 20): " + ", ".join(
         f"{k} {v * 1e3:.2f} ms" for k, v in delta.items() if k != "variant"))
+    layers = next((r for r in results if r["variant"] == "layers"), None)
+    if layers:
+        print(f"Per adapted layer, {layers['tokens']} tokens (jitted, min of 10, ms):")
+        for k, v in layers.items():
+            if k not in ("variant", "tokens"):
+                print(f"  {k}: {v * 1e3:.2f}")
 
 
 if __name__ == "__main__":

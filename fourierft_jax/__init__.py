@@ -12,7 +12,8 @@ from bridge import FourierFTConfig, NoTargetError
 
 from ._src.adapter import AdapterSet, AdapterSpec
 from ._src.delta import delta_kernel
-from ._src.intercept import DEFAULT_MODE, make_apply, spectral_interceptor
+from ._src.fused import fused_dense
+from ._src.intercept import DEFAULT_MODE, choose_path, make_apply, spectral_interceptor
 from ._src.layer import LayerSpec
 from ._src.merge import merge_params, substitute
 from ._src.model import FourierFTAdapter, apply
@@ -20,18 +21,11 @@ from ._src.optim import multi_lr
 from ._src.spectral import spectral_delta
 from ._src.targets import module_infos, select_layers
 
-from ._src.io import (  # checkpoints and conversions (issue 5)
-    AdapterMismatchError,
-    NameMap,
-    SavedAdapter,
-    TrainingCheckpoints,
-    attach,
-    export_peft,
-    import_peft,
-    load_adapter,
-    read_peft,
-    save_adapter,
-)
+from bridge import NameMap
+
+from ._src.checkpoint import TrainingCheckpoints, load_adapter, save_adapter
+from ._src.convert import export_peft, import_peft, read_peft
+from ._src.saved import AdapterMismatchError, SavedAdapter, attach
 
 from . import nnx  # noqa: E402  (fourierft_jax.nnx.apply without a separate import)
 
@@ -54,7 +48,9 @@ __all__ = [
     "LayerSpec",
     "NoTargetError",
     "apply",
+    "choose_path",
     "delta_kernel",
+    "fused_dense",
     "make_apply",
     "merge_params",
     "module_infos",

@@ -69,3 +69,14 @@ def _delta_kernel(spectrum: jax.Array, layer: LayerSpec, method: str) -> jax.Arr
     rows, cols, source = _half_spectrum_scatter(layer)
     half = jnp.zeros((n_rows, n_cols // 2 + 1), jnp.float32).at[rows, cols].add(0.5 * spectrum[source])
     return layer.scaling * jnp.fft.irfft2(half.astype(jnp.complex64), s=(n_rows, n_cols))
+
+
+def delta_kernel_f32(spectrum: jax.Array, layer: LayerSpec) -> jax.Array:
+    """``delta_kernel`` without argument checks, for callers that have validated ``spectrum`` (float32, ``(n,)``).
+
+    Example:
+        >>> layer = LayerSpec(("q",), in_features=6, out_features=4, n_frequency=5, scaling=3.0, seed=777)
+        >>> delta_kernel_f32(jnp.ones(5), layer).shape
+        (6, 4)
+    """
+    return _delta_kernel(spectrum, layer, "irfft2")

@@ -1,16 +1,24 @@
-"""The spectral path for linen: a method interceptor that adds each targeted ``Dense``'s adapter output.
+"""The linen paths: a method interceptor that adapts each targeted ``Dense`` call, or a merged parameter tree.
 
 ``flax.linen.intercept_methods`` sees every module call; at a targeted ``nn.Dense.__call__`` (found by its
-module path, which is its path in the ``params`` collection) it adds ``spectral_delta(x)`` computed in float32
-and cast to the layer's output dtype. ``ΔW`` is never built and no gradient is formed for the frozen kernel.
+module path, which is its path in the ``params`` collection) it either computes the call itself as
+``x @ (W + ΔW) + b`` with the hand-written backward of ``fused.py`` ("fused"), or runs the Dense and adds
+``spectral_delta(x)`` computed in float32 ("spectral"). Neither forms a weight-sized gradient.
 
 Which path to use:
 
-* ``mode="spectral"`` (default, for training): no ``out × in`` delta per layer, no weight-sized gradient, and
-  the backward pass keeps only the input's half spectrum. Needs the targeted layers to be ``flax.linen.Dense``
-  modules called at their parameter path (not under ``nn.scan``/``nn.vmap`` with stacked kernels).
+* ``mode="auto"`` (default): per targeted layer and call, "fused" or "spectral" by ``choose_path`` -- the one
+  rule, from the measured costs in BENCHMARKS.md: the fused path pays a token-independent ``ΔW`` build (two
+  ``irfft2`` of ``in × out`` per step) plus two row FFTs, the spectral path pays FFTs, gathers and scatters that
+  all grow with the number of tokens, so many tokens favour "fused" and few favour "spectral".
+* ``mode="fused"``: always the fused form (falls back to "spectral" for a Dense with a custom ``dot_general``).
+* ``mode="spectral"``: ``ΔW`` is never built; cheapest for few tokens (decoding, small batches).
 * ``mode="merge"``: any function of the parameter tree (non-linen code, custom kernels, ``nn.scan``); the
-  simplest form and the one for inference -- ``merge_and_unload`` once, then the adapter costs nothing.
+  simplest form and the one for inference -- ``merge_and_unload`` once, then the adapter costs nothing. In
+  training, autodiff forms the ``xᵀ dy`` weight gradient for every adapted layer.
+
+"fused", "spectral" and "auto" need the targeted layers to be ``flax.linen.Dense`` modules called at their
+parameter path (not under ``nn.scan``/``nn.vmap`` with stacked kernels).
 """
 
 from __future__ import annotations
@@ -20,19 +28,63 @@ import warnings
 from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
 
 from .adapter import AdapterSet, adapter_state, layer_spectrum
+from .fused import fused_dense_multi
+from .layer import LayerSpec
 from .merge import DEFAULT_DELTA_METHOD, merge_params, substitute
 from .spectral import spectral_delta
 from .tree import Path
 
-MODES = ("spectral", "merge")
-DEFAULT_MODE = "spectral"
+MODES = ("auto", "fused", "spectral", "merge")
+DEFAULT_MODE = "auto"
+
+# choose_path: "fused" once tokens · (in + out) >= FUSED_MIN_RATIO · in · out, i.e. once the token-proportional
+# FFT/gather/scatter work of the spectral path outweighs the fused path's per-step ΔW build (see BENCHMARKS.md,
+# "fourierft_jax training step", per-layer breakdown).
+FUSED_MIN_RATIO = 0.5
+
+
+def choose_path(tokens: int, layer: LayerSpec) -> str:
+    """``"fused"`` or ``"spectral"``: the path ``mode="auto"`` takes for a call of ``layer`` on ``tokens`` rows.
+
+    Example:
+        >>> layer = LayerSpec(("q",), in_features=768, out_features=768, n_frequency=1000, scaling=1.0, seed=0)
+        >>> choose_path(8 * 128, layer), choose_path(8, layer)
+        ('fused', 'spectral')
+    """
+    n_in, n_out = layer.in_features, layer.out_features
+    return "fused" if tokens * (n_in + n_out) >= FUSED_MIN_RATIO * n_in * n_out else "spectral"
+
+
+def _fused_call(module: nn.Dense, x: Any, entries: list) -> Any:
+    """``module(x)`` with ``W + ΔW`` as the kernel, or None where the Dense is not a plain one we can replay."""
+    if getattr(module, "dot_general", None) is not None or getattr(module, "dot_general_cls", None) is not None:
+        return None
+    kernel = module.get_variable("params", "kernel")
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    if kernel is None or (module.use_bias and bias is None):
+        return None
+    kernel, bias = nn.meta.unbox(kernel), nn.meta.unbox(bias)
+    promote = getattr(module, "promote_dtype", None) or nn.dtypes.promote_dtype
+    x, kernel, bias = promote(x, kernel, bias, dtype=module.dtype)
+    layers = tuple(layer for layer, _ in entries)
+    y = fused_dense_multi(x, kernel, tuple(spectrum for _, spectrum in entries), layers, precision=module.precision)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
 
 
 @contextlib.contextmanager
-def spectral_interceptor(trainable: Mapping[str, Any], static: AdapterSet) -> Iterator[set[Path]]:
-    """Within this context, every targeted linen ``Dense`` call adds the active adapters' output.
+def spectral_interceptor(
+    trainable: Mapping[str, Any], static: AdapterSet, mode: str = "spectral"
+) -> Iterator[set[Path]]:
+    """Within this context, every targeted linen ``Dense`` call includes the active adapters' output.
+
+    ``mode`` is "spectral" (run the Dense, add ``spectral_delta``), "fused" (``x @ (W + ΔW) + b`` with the
+    FFT-based backward) or "auto" (``choose_path`` per layer and call).
 
     Yields the set of layer paths that were reached, so callers can tell a model whose Dense modules do not sit
     at their parameter paths (e.g. under ``nn.scan``). Biases and ``modules_to_save`` are not handled here: pass
@@ -52,6 +104,8 @@ def spectral_interceptor(trainable: Mapping[str, Any], static: AdapterSet) -> It
         >>> sorted(reached)
         [('q',)]
     """
+    if mode not in ("auto", "fused", "spectral"):
+        raise ValueError(f"fourierft_jax: interceptor mode must be 'auto', 'fused' or 'spectral', got {mode!r}")
     table: dict[Path, list] = {}
     if not static.disabled:
         for name, spec in static.adapters:
@@ -76,8 +130,16 @@ def spectral_interceptor(trainable: Mapping[str, Any], static: AdapterSet) -> It
                 f"fourierft_jax: the adapted layer {entries[0][0].name!r} is a {type(module).__name__}, not a "
                 f"flax.linen.Dense; the spectral path only adapts Dense calls (use mode='merge')"
             )
-        y = next_fun(*args, **kwargs)
         x = args[0] if args else kwargs["inputs"]
+        path_mode = mode
+        if mode == "auto":
+            path_mode = choose_path(int(np.prod(np.shape(x)[:-1], dtype=np.int64)), entries[0][0])
+        if path_mode == "fused":
+            y = _fused_call(module, x, entries)
+            if y is not None:
+                reached.add(path)
+                return y
+        y = next_fun(*args, **kwargs)
         reached.add(path)
         for layer, spectrum in entries:
             y = y + spectral_delta(x, spectrum, layer).astype(y.dtype)
@@ -96,9 +158,11 @@ def make_apply(
 ) -> Callable[..., Any]:
     """``f(trainable, variables, *args, **kwargs)``: ``apply_fn`` (e.g. ``model.apply``) with the adapters on.
 
-    ``mode="spectral"`` (default) computes each targeted Dense's adapter output in the spectral domain during
-    the call; ``mode="merge"`` calls ``apply_fn`` on ``W + ΔW`` parameters. Both give the same numbers; the
-    function is pure, so ``jax.grad`` over ``trainable`` and ``jax.jit`` work directly.
+    ``mode="auto"`` (default) picks "fused" or "spectral" per targeted Dense call (``choose_path``);
+    ``"fused"`` computes the call as ``x @ (W + ΔW) + b`` with an FFT-based backward; ``"spectral"`` adds the
+    adapter output computed in the spectral domain; ``"merge"`` calls ``apply_fn`` on ``W + ΔW`` parameters.
+    All give the same numbers; the function is pure, so ``jax.grad`` over ``trainable`` and ``jax.jit`` work
+    directly.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, fourierft_jax
@@ -122,7 +186,7 @@ def make_apply(
 
     def spectral_apply(trainable: Mapping[str, Any], variables: Any, *args: Any, **kwargs: Any) -> Any:
         variables = substitute(variables, trainable, static)
-        with spectral_interceptor(trainable, static) as reached:
+        with spectral_interceptor(trainable, static, mode) as reached:
             out = apply_fn(variables, *args, **kwargs)
         expected = {tuple(layer.path) for _, spec in static.adapters for layer in spec.layers}
         missing = expected - reached if not static.disabled else set()

@@ -238,7 +238,8 @@ class FourierFTAdapter:
     ) -> Callable[..., Any]:
         """``f(trainable, variables, *args, **kwargs)`` running ``apply_fn`` with the active adapters.
 
-        See ``fourierft_jax.make_apply``; ``mode="spectral"`` (default) or ``"merge"``.
+        See ``fourierft_jax.make_apply``: ``mode="auto"`` (default: fused or spectral per layer and batch size),
+        ``"fused"``, ``"spectral"`` or ``"merge"``.
 
         Example:
             >>> import numpy as np, fourierft_jax
