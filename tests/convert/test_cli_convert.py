@@ -16,7 +16,7 @@ from bridge._src.cli import main
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
-from _models import ODD_RULES, Net, OddNet, inputs, init, rel_err, torch_odd_twin, torch_twin  # noqa: E402
+from convert_models import ODD_RULES, Net, OddNet, inputs, init, rel_err, torch_odd_twin, torch_twin  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))

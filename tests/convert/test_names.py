@@ -15,7 +15,7 @@ from bridge._src.names import NameMap, NameMapError
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from _models import ODD_RULES, OddNet, inputs, init, rel_err, torch_odd_twin  # noqa: E402
+from convert_models import ODD_RULES, OddNet, inputs, init, rel_err, torch_odd_twin  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples", "minilm"))
 

@@ -14,7 +14,7 @@ import fourierft_jax
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 import fourierft_torch  # noqa: E402
-from _models import GptNet, Net, inputs, init, rel_err, torch_gpt_twin, torch_twin  # noqa: E402
+from convert_models import GptNet, Net, inputs, init, rel_err, torch_gpt_twin, torch_twin  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from bridge._src.cli import main  # noqa: E402

@@ -12,7 +12,7 @@ from flax import nnx
 
 import bridge
 import fourierft_jax
-from _models import D, D_IN, N_CLASSES, Net, inputs, init
+from convert_models import D, D_IN, N_CLASSES, Net, inputs, init
 
 from fourierft_jax._src.saved import AdapterMismatchError
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import fourierft_jax
-from _models import Net, inputs, init
+from convert_models import Net, inputs, init
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 

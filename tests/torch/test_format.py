@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _models  # noqa: E402
+import torch_models as _models  # noqa: E402
 
 import bridge  # noqa: E402
 import fourierft_torch  # noqa: E402

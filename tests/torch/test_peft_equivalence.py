@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _models  # noqa: E402
+import torch_models as _models  # noqa: E402
 
 import fourierft_torch  # noqa: E402
 
