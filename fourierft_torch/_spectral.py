@@ -17,6 +17,7 @@ Everything runs in float32 (torch has no half-precision CPU FFTs); callers cast 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
 
 import numpy as np
@@ -255,11 +256,12 @@ def _as_float(packed: torch.Tensor) -> torch.Tensor:
     return packed.view(torch.float64 if packed.dtype == torch.complex128 else torch.float32)
 
 
-class _InputSpectrumCache:
+class _InputSpectrumCache(threading.local):
     """The last input's spectrum table: query, key and value read the same activation, so backward builds it once.
 
     Keyed on the tensor object itself (held weakly, so the activation is never kept alive by the cache) and its
-    version counter (an in-place change invalidates it); the entry is dropped when the activation is freed.
+    version counter (an in-place change invalidates it); the entry is dropped when the activation is freed. One
+    cache per thread, so two models trained in two threads never see each other's entry.
     """
 
     def __init__(self) -> None:
