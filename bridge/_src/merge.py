@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .atomic import replace_directory
 from .checkpoint import (
     INDEX_NAME,
     Adapter,
@@ -228,18 +229,6 @@ def _copy_model_files(checkpoint: BaseCheckpoint, destination: str, exclude: str
 
 
 def _replace_directory(temporary: str, out_path: str, overwrite: bool) -> None:
-    if not os.path.exists(out_path):
-        os.rename(temporary, out_path)
-        return
-    if not overwrite:  # appeared while we were writing
+    if os.path.exists(out_path) and not overwrite:  # appeared while we were writing
         raise CheckpointError(f"--out {out_path} already exists: pass --overwrite to replace it")
-    # Two renames: the old folder steps aside, the new one takes its name; only then is the old one deleted.
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.old-", dir=os.path.dirname(out_path))
-    os.rmdir(old)
-    os.rename(out_path, old)
-    try:
-        os.rename(temporary, out_path)
-    except BaseException:
-        os.rename(old, out_path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(temporary, out_path)

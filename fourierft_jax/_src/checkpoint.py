@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import bridge
+from bridge._src.atomic import replace_directory
 from bridge._src.checkpoint import CheckpointError
 from bridge._src.orbax_format import FORMAT_TAG, FORMAT_VERSION, METADATA_NAME, STATE_DIR, read_metadata
 
@@ -102,26 +103,13 @@ def save_adapter(
             json.dump(metadata, stream, indent=2, sort_keys=True)
             stream.flush()
             os.fsync(stream.fileno())
-        _replace(temporary, target)
+        replace_directory(temporary, target)
     finally:
         if os.path.exists(temporary):
             shutil.rmtree(temporary, ignore_errors=True)
     return target
 
 
-def _replace(temporary: str, target: str) -> None:
-    if not os.path.exists(target):
-        os.rename(temporary, target)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
-    os.rmdir(old)
-    os.rename(target, old)  # the old checkpoint steps aside; only after the new one is in place is it deleted
-    try:
-        os.rename(temporary, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_adapter(directory: PathLike) -> SavedAdapter:

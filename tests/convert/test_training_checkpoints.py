@@ -126,7 +126,7 @@ def stuck(temporary, target):  # the new checkpoint is complete in its temporary
     print("READY", flush=True)
     time.sleep(600)
 
-checkpoint._replace = stuck
+checkpoint.replace_directory = stuck
 fourierft_jax.save_adapter(sys.argv[1], adapter, overwrite=True)
 """
 
