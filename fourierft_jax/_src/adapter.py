@@ -21,7 +21,7 @@ import bridge
 
 from .layer import LayerSpec
 from .targets import select_layers
-from .tree import Path, dotted, iter_nodes
+from .tree import Path, dotted, get_path, iter_nodes
 
 SPECTRA, BIAS, MODULES_TO_SAVE = "spectra", "bias", "modules_to_save"
 
@@ -84,7 +84,7 @@ def _bias_paths(
 
     if bias == "fourier_only":
         nodes = {layer.path: None for layer in layers}
-        return tuple(path for path in nodes if has_bias(_node(params, path)))
+        return tuple(path for path in nodes if has_bias(get_path(params, path)))
     if bias == "all":
         return tuple(
             path
@@ -92,13 +92,6 @@ def _bias_paths(
             if has_bias(node) and not any(path[: len(p)] == p for p in saved)
         )
     return ()
-
-
-def _node(params: Mapping[str, Any], path: Path) -> Any:
-    node: Any = params
-    for key in path:
-        node = node[key]
-    return node
 
 
 def build_spec(
@@ -142,8 +135,8 @@ def init_state(
             layer.name: jax.random.normal(k, (layer.n_frequency,), jnp.float32) for layer, k in zip(spec.layers, keys)
         }
     # Copies, so that donating or updating the trainable state never touches the frozen parameters.
-    biases = {dotted(path): jnp.array(_node(params, path)["bias"]) for path in spec.bias_paths}
-    saved = {dotted(path): jax.tree.map(jnp.array, _node(params, path)) for path in spec.save_paths}
+    biases = {dotted(path): jnp.array(get_path(params, path)["bias"]) for path in spec.bias_paths}
+    saved = {dotted(path): jax.tree.map(jnp.array, get_path(params, path)) for path in spec.save_paths}
     return {SPECTRA: spectra, BIAS: biases, MODULES_TO_SAVE: saved}
 
 
@@ -164,9 +157,5 @@ def layer_spectrum(state: Mapping[str, Any], layer: LayerSpec, adapter_name: str
     if layer.name not in spectra:
         raise KeyError(f"fourierft_jax: adapter {adapter_name!r} has no spectrum for layer {layer.name!r}")
     spectrum = spectra[layer.name]
-    if tuple(spectrum.shape) != (layer.n_frequency,):
-        raise ValueError(
-            f"fourierft_jax: spectrum of layer {layer.name!r} (adapter {adapter_name!r}) has shape "
-            f"{tuple(spectrum.shape)}, expected ({layer.n_frequency},)"
-        )
+    layer.check_spectrum(spectrum.shape, adapter_name)
     return spectrum

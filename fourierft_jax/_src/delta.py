@@ -50,11 +50,7 @@ def delta_kernel(spectrum: jax.Array, layer: LayerSpec, method: str = "irfft2") 
     if method not in METHODS:
         raise ValueError(f"delta_kernel: method must be one of {METHODS}, got {method!r}")
     spectrum = jnp.asarray(spectrum, jnp.float32)
-    if spectrum.shape != (layer.n_frequency,):
-        raise ValueError(
-            f"fourierft_jax: spectrum of layer {layer.name!r} has shape {spectrum.shape}, expected "
-            f"({layer.n_frequency},)"
-        )
+    layer.check_spectrum(spectrum.shape)
     return _delta_kernel(spectrum, layer, method)
 
 

@@ -48,16 +48,8 @@ def _check(x: jax.Array, kernel: jax.Array, spectra: Sequence[jax.Array], layers
                 f"fourierft_jax: kernel of layer {layer.name!r} has shape {tuple(kernel.shape)}, expected "
                 f"{layer.kernel_shape}"
             )
-        if x.shape[-1] != layer.in_features:
-            raise ValueError(
-                f"fourierft_jax: layer {layer.name!r} expects inputs with {layer.in_features} features, got shape "
-                f"{x.shape}"
-            )
-        if tuple(jnp.shape(spectrum)) != (layer.n_frequency,):
-            raise ValueError(
-                f"fourierft_jax: spectrum of layer {layer.name!r} has shape {tuple(jnp.shape(spectrum))}, "
-                f"expected ({layer.n_frequency},)"
-            )
+        layer.check_input(x.shape)
+        layer.check_spectrum(jnp.shape(spectrum))
 
 
 def fused_dense(

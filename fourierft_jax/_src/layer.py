@@ -51,6 +51,31 @@ class LayerSpec:
         indices.setflags(write=False)
         return indices
 
+    def check_spectrum(self, shape: tuple[int, ...], adapter_name: str | None = None) -> None:
+        """Raise ``ValueError`` naming the layer unless ``shape`` is ``(n_frequency,)``.
+
+        Example:
+            >>> LayerSpec(("q",), 8, 4, 3, 1.0, 0).check_spectrum((3,))
+        """
+        if tuple(shape) != (self.n_frequency,):
+            owner = f" (adapter {adapter_name!r})" if adapter_name is not None else ""
+            raise ValueError(
+                f"fourierft_jax: spectrum of layer {self.name!r}{owner} has shape {tuple(shape)}, expected "
+                f"({self.n_frequency},)"
+            )
+
+    def check_input(self, shape: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` naming the layer unless the last axis of ``shape`` is ``in_features``.
+
+        Example:
+            >>> LayerSpec(("q",), 8, 4, 3, 1.0, 0).check_input((2, 8))
+        """
+        if shape[-1] != self.in_features:
+            raise ValueError(
+                f"fourierft_jax: layer {self.name!r} expects inputs with {self.in_features} features, got shape "
+                f"{tuple(shape)}"
+            )
+
     @property
     def kernel_indices(self) -> np.ndarray:
         """The same positions over the Flax kernel ``(in, out)``: PEFT's rows and columns swapped (SPEC §3)."""

@@ -20,7 +20,7 @@ import bridge
 from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
 from .layer import LayerSpec
 from .model import FourierFTAdapter
-from .tree import Path, dotted, iter_nodes, split_collection
+from .tree import Path, dotted, get_path, iter_nodes, split_collection
 
 
 class AdapterMismatchError(ValueError):
@@ -71,13 +71,6 @@ def apply_for_doc(params: Mapping[str, Any]) -> FourierFTAdapter:
     return apply(params, bridge.FourierFTConfig(n_frequency=3, target_modules=["q"], init_weights=True))
 
 
-def _node(tree: Mapping[str, Any], path: Path) -> Any:
-    node: Any = tree
-    for key in path:
-        node = node[key]
-    return node
-
-
 def from_adapter(
     adapter: FourierFTAdapter, adapter_name: Optional[str] = None, params: Optional[Mapping[str, Any]] = None
 ) -> SavedAdapter:
@@ -99,7 +92,7 @@ def from_adapter(
     if params is not None and config.bias == "all":
         inner, _ = split_collection(params)
         for path in spec.save_paths:
-            biases = _bias_subtree(_node(inner, path))
+            biases = _bias_subtree(get_path(inner, path))
             if biases:
                 originals[dotted(path)] = biases
     return SavedAdapter(config, spec, adapter.state[name], originals)
@@ -267,7 +260,7 @@ def as_saved(
         view = params if isinstance(params, Mapping) else nnx_params_view(params)
         inner, _ = split_collection(view)
         for path in saved.spec.save_paths:
-            biases = _bias_subtree(_node(inner, path))
+            biases = _bias_subtree(get_path(inner, path))
             if biases:
                 saved.originals[dotted(path)] = biases
     return saved

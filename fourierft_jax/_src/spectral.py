@@ -53,17 +53,9 @@ def spectral_delta(x: jax.Array, spectrum: jax.Array, layer: LayerSpec) -> jax.A
         >>> bool(np.allclose(y, ref, atol=1e-5))
         True
     """
-    if x.shape[-1] != layer.in_features:
-        raise ValueError(
-            f"fourierft_jax: layer {layer.name!r} expects inputs with {layer.in_features} features, got shape "
-            f"{x.shape}"
-        )
+    layer.check_input(x.shape)
     spectrum = jnp.asarray(spectrum, jnp.float32)
-    if spectrum.shape != (layer.n_frequency,):
-        raise ValueError(
-            f"fourierft_jax: spectrum of layer {layer.name!r} has shape {spectrum.shape}, expected "
-            f"({layer.n_frequency},)"
-        )
+    layer.check_spectrum(spectrum.shape)
     return _spectral_delta(x, spectrum, layer)
 
 
