@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import bridge
 
 from .layer import LayerSpec
-from .targets import select_layers
+from .targets import Stacks, select_layers
 from .tree import Path, dotted, get_path, iter_nodes
 
 SPECTRA, BIAS, MODULES_TO_SAVE = "spectra", "bias", "modules_to_save"
@@ -100,12 +100,13 @@ def build_spec(
     *,
     model_type: Optional[str] = None,
     output_layer: Optional[str] = None,
+    stacked: Stacks = None,
 ) -> AdapterSpec:
     """The ``AdapterSpec`` of ``config`` on the ``params`` collection of a linen model (validates everything)."""
     if not isinstance(config, bridge.FourierFTConfig):
         raise TypeError(f"fourierft_jax: expected a FourierFTConfig, got {type(config).__name__}")
     saved = _saved_paths(params, config.modules_to_save)
-    layers = select_layers(params, config, model_type=model_type, output_layer=output_layer)
+    layers = select_layers(params, config, model_type=model_type, output_layer=output_layer, stacked=stacked)
     return AdapterSpec(layers, _bias_paths(params, config.bias, layers, saved), saved)
 
 
@@ -123,7 +124,7 @@ def init_state(
         ((3,), dtype('float32'))
     """
     if init_weights:
-        spectra = {layer.name: jnp.zeros((layer.n_frequency,), jnp.float32) for layer in spec.layers}
+        spectra = {layer.name: jnp.zeros(layer.spectrum_shape, jnp.float32) for layer in spec.layers}
     else:
         if key is None:
             raise ValueError(
@@ -132,7 +133,7 @@ def init_state(
             )
         keys = jax.random.split(key, max(len(spec.layers), 1))
         spectra = {
-            layer.name: jax.random.normal(k, (layer.n_frequency,), jnp.float32) for layer, k in zip(spec.layers, keys)
+            layer.name: jax.random.normal(k, layer.spectrum_shape, jnp.float32) for layer, k in zip(spec.layers, keys)
         }
     # Copies, so that donating or updating the trainable state never touches the frozen parameters.
     biases = {dotted(path): jnp.array(get_path(params, path)["bias"]) for path in spec.bias_paths}

@@ -1,4 +1,4 @@
-"""``ΔW`` of one layer in the Flax kernel layout ``(in, out)``, built in float32.
+"""``ΔW`` of one layer in the Flax kernel layout ``(in, out)`` (a stack: the stored layout), built in float32.
 
 ``ΔWᵀ = scaling · Re(ifft2(Sᵀ))`` (SPEC §1, §3). The default builds it with ``irfft2`` of the
 Hermitian-symmetrised half spectrum (half the FFT work, no complex ``in × out`` buffer); ``method="ifft2"`` is
@@ -37,7 +37,10 @@ def _half_spectrum_scatter(layer: LayerSpec) -> tuple[np.ndarray, np.ndarray, np
 
 
 def delta_kernel(spectrum: jax.Array, layer: LayerSpec, method: str = "irfft2") -> jax.Array:
-    """The float32 ``(in, out)`` kernel delta of ``layer`` for coefficients ``spectrum`` (shape ``(n,)``).
+    """The float32 kernel delta of ``layer`` for coefficients ``spectrum`` (shape ``layer.spectrum_shape``).
+
+    The result has ``layer.param_shape``: ``(in, out)``, or for a stacked kernel the whole stack at once (one
+    batched ``irfft2``), with zeros at the stack rows the adapter leaves alone.
 
     Example:
         >>> import numpy as np, bridge
@@ -57,6 +60,27 @@ def delta_kernel(spectrum: jax.Array, layer: LayerSpec, method: str = "irfft2") 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _delta_kernel(spectrum: jax.Array, layer: LayerSpec, method: str) -> jax.Array:
     # Jitted so that eager merges compile once per layer shape rather than once per op.
+    if not layer.stacked:
+        return _one_delta(spectrum, layer, method)
+    return stack_rows(jax.vmap(lambda row: _one_delta(row, layer.unstacked, method))(spectrum), layer)
+
+
+def stack_rows(rows: jax.Array, layer: LayerSpec) -> jax.Array:
+    """Per-row ``(len(stack_ids), in, out)`` deltas in the stored layout ``layer.param_shape`` (zeros elsewhere).
+
+    Example:
+        >>> layer = LayerSpec(("s", "fc"), 2, 3, 1, 1.0, 0, stack_axis=1, stack_size=4, stack_ids=(1, 3),
+        ...                   stack_depth=1)
+        >>> stack_rows(jnp.ones((2, 2, 3)), layer).sum(axis=(0, 2)).tolist()
+        [0.0, 6.0, 0.0, 6.0]
+    """
+    if len(layer.stack_ids) != layer.stack_size:
+        full = jnp.zeros((layer.stack_size,) + rows.shape[1:], rows.dtype)
+        rows = full.at[np.asarray(layer.stack_ids)].set(rows)
+    return jnp.moveaxis(rows, 0, layer.stack_axis)
+
+
+def _one_delta(spectrum: jax.Array, layer: LayerSpec, method: str) -> jax.Array:
     n_rows, n_cols = layer.kernel_shape
     if method == "ifft2":
         rows, cols = layer.kernel_indices

@@ -17,8 +17,9 @@ Which path to use:
   simplest form and the one for inference -- ``merge_and_unload`` once, then the adapter costs nothing. In
   training, autodiff forms the ``xᵀ dy`` weight gradient for every adapted layer.
 
-"fused", "spectral" and "auto" need the targeted layers to be ``flax.linen.Dense`` modules called at their
-parameter path (not under ``nn.scan``/``nn.vmap`` with stacked kernels).
+"fused", "spectral" and "auto" need the unstacked targeted layers to be ``flax.linen.Dense`` modules called
+at their parameter path; stacked kernels (``stacked=`` in ``apply``, e.g. under ``nn.scan``) are merged into
+the parameter tree for the call, one batched ``ΔW`` build per stacked kernel (``merge_stacked``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 from .adapter import AdapterSet, adapter_state, layer_spectrum
 from .fused import fused_dense_multi
 from .layer import LayerSpec
-from .merge import DEFAULT_DELTA_METHOD, merge_params, substitute
+from .merge import DEFAULT_DELTA_METHOD, merge_params, merge_stacked
 from .spectral import spectral_delta
 from .tree import Path
 
@@ -111,7 +112,8 @@ def spectral_interceptor(
         for name, spec in static.adapters:
             state = adapter_state(trainable, name)
             for layer in spec.layers:
-                table.setdefault(tuple(layer.path), []).append((layer, layer_spectrum(state, layer, name)))
+                if not layer.stacked:  # stacked kernels are merged into the parameters (merge_stacked)
+                    table.setdefault(tuple(layer.path), []).append((layer, layer_spectrum(state, layer, name)))
     reached: set[Path] = set()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -185,10 +187,10 @@ def make_apply(
         return merged_apply
 
     def spectral_apply(trainable: Mapping[str, Any], variables: Any, *args: Any, **kwargs: Any) -> Any:
-        variables = substitute(variables, trainable, static)
+        variables = merge_stacked(variables, trainable, static, method=method)
         with spectral_interceptor(trainable, static, mode) as reached:
             out = apply_fn(variables, *args, **kwargs)
-        expected = {tuple(layer.path) for _, spec in static.adapters for layer in spec.layers}
+        expected = {tuple(layer.path) for _, spec in static.adapters for layer in spec.layers if not layer.stacked}
         missing = expected - reached if not static.disabled else set()
         if missing and missing == expected:
             raise ValueError(

@@ -1,14 +1,22 @@
-"""``LayerSpec``: the static facts of one adapted Dense layer (shape, positions, scaling).
+"""``LayerSpec``: the static facts of one adapted Dense kernel (shape, positions, scaling, layer stack).
 
 Hashable and compared by value, so it can sit inside a ``jax.jit`` static argument or a closure without ever
 becoming a traced leaf; the positions are numpy constants derived from (shape, n, seed) and so take no part in
 the hash.
+
+A *stacked* kernel (``nn.scan``/``nnx.scan``/MaxText-style parameter trees) holds ``stack_size`` layers'
+``(in, out)`` kernels along ``stack_axis``. Every layer of a stack has the same shape and seed, hence the same
+positions; the adapter keeps one spectrum row per adapted layer (``stack_ids``), shape ``(len(stack_ids), n)``.
+Torch-style, layer ``i`` is named with ``i`` inserted after the first ``stack_depth`` path entries
+(``encoder.layer`` + ``attention.self.query`` → ``encoder.layer.3.attention.self.query``), which is how PEFT
+names the same layer of an unrolled model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import numpy as np
 
@@ -34,15 +42,82 @@ class LayerSpec:
     n_frequency: int
     scaling: float
     seed: int
+    stack_axis: Optional[int] = None
+    stack_size: int = 0
+    stack_ids: tuple[int, ...] = ()
+    stack_depth: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stack_axis is None:
+            return
+        if self.stack_axis not in (0, 1, 2) or not 0 < self.stack_depth <= len(self.path):
+            raise ValueError(f"LayerSpec {self.name!r}: bad stack_axis {self.stack_axis} / depth {self.stack_depth}")
+        if not self.stack_ids or list(self.stack_ids) != sorted(set(self.stack_ids)) or not (
+            0 <= self.stack_ids[0] and self.stack_ids[-1] < self.stack_size
+        ):
+            raise ValueError(
+                f"LayerSpec {self.name!r}: stack_ids {self.stack_ids} must be sorted, distinct and below "
+                f"stack_size {self.stack_size}"
+            )
 
     @property
     def name(self) -> str:
-        """The torch-style dotted name (``encoder.layer.0.attention.self.query``)."""
+        """The dotted parameter path (for a stack: without a layer index), the key of this layer's spectrum."""
         return dotted(self.path)
 
     @property
+    def stacked(self) -> bool:
+        """Whether the kernel is a stack of layers (``stack_axis`` is set)."""
+        return self.stack_axis is not None
+
+    @property
+    def torch_names(self) -> tuple[str, ...]:
+        """The torch-style name of every adapted layer: ``(name,)``, or one ``prefix.<i>.rest`` per stack row.
+
+        Example:
+            >>> LayerSpec(("layers", "mlp", "fc"), 8, 4, 3, 1.0, 0, stack_axis=0, stack_size=4, stack_ids=(0, 2),
+            ...           stack_depth=1).torch_names
+            ('layers.0.mlp.fc', 'layers.2.mlp.fc')
+        """
+        if not self.stacked:
+            return (self.name,)
+        head, tail = self.path[: self.stack_depth], self.path[self.stack_depth :]
+        return tuple(dotted(head + (str(i),) + tail) for i in self.stack_ids)
+
+    @property
+    def unstacked(self) -> "LayerSpec":
+        """The same layer without its stack: what one row of the stack is (same positions, ``(n,)`` spectrum).
+
+        Example:
+            >>> LayerSpec(("s", "fc"), 8, 4, 3, 1.0, 0, stack_axis=0, stack_size=2, stack_ids=(0, 1),
+            ...           stack_depth=1).unstacked.spectrum_shape
+            (3,)
+        """
+        return dataclasses.replace(self, stack_axis=None, stack_size=0, stack_ids=(), stack_depth=0)
+
+    @property
     def kernel_shape(self) -> tuple[int, int]:
+        """One layer's kernel ``(in, out)`` (for a stack: one row of it)."""
         return (self.in_features, self.out_features)
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """The kernel as stored in the parameter tree: ``kernel_shape`` with ``stack_size`` at ``stack_axis``.
+
+        Example:
+            >>> LayerSpec(("layers", "fc"), 8, 4, 3, 1.0, 0, stack_axis=1, stack_size=5, stack_ids=(0, 1, 2, 3, 4),
+            ...           stack_depth=1).param_shape
+            (8, 5, 4)
+        """
+        shape = list(self.kernel_shape)
+        if self.stacked:
+            shape.insert(self.stack_axis, self.stack_size)
+        return tuple(shape)
+
+    @property
+    def spectrum_shape(self) -> tuple[int, ...]:
+        """``(n,)``, or ``(len(stack_ids), n)`` for a stack: one spectrum per adapted layer."""
+        return (len(self.stack_ids), self.n_frequency) if self.stacked else (self.n_frequency,)
 
     @functools.cached_property
     def torch_indices(self) -> np.ndarray:
@@ -52,16 +127,16 @@ class LayerSpec:
         return indices
 
     def check_spectrum(self, shape: tuple[int, ...], adapter_name: str | None = None) -> None:
-        """Raise ``ValueError`` naming the layer unless ``shape`` is ``(n_frequency,)``.
+        """Raise ``ValueError`` naming the layer unless ``shape`` is ``spectrum_shape``.
 
         Example:
             >>> LayerSpec(("q",), 8, 4, 3, 1.0, 0).check_spectrum((3,))
         """
-        if tuple(shape) != (self.n_frequency,):
+        if tuple(shape) != self.spectrum_shape:
             owner = f" (adapter {adapter_name!r})" if adapter_name is not None else ""
             raise ValueError(
                 f"fourierft_jax: spectrum of layer {self.name!r}{owner} has shape {tuple(shape)}, expected "
-                f"({self.n_frequency},)"
+                f"{self.spectrum_shape}"
             )
 
     def check_input(self, shape: tuple[int, ...]) -> None:

@@ -18,6 +18,7 @@ import bridge
 from .adapter import AdapterSet, AdapterSpec, build_spec, init_state
 from .intercept import DEFAULT_MODE, make_apply
 from .merge import DEFAULT_DELTA_METHOD, check_kernel, merge_params, substitute
+from .targets import Stacks
 from .tree import split_collection
 
 
@@ -61,8 +62,11 @@ class FourierFTAdapter:
         key: Optional[jax.Array] = None,
         model_type: Optional[str] = None,
         output_layer: Optional[str] = None,
+        stacked: Stacks = None,
     ) -> None:
         """Add a named adapter for ``params`` (validated fully before anything changes); it is not made active.
+
+        ``stacked`` names layer stacks as in ``fourierft_jax.apply``.
 
         Example:
             >>> import numpy as np, fourierft_jax
@@ -84,7 +88,7 @@ class FourierFTAdapter:
                 f"{self.configs[biased[0]].bias!r}); set bias='none' for {adapter_name!r}"
             )
         inner, _ = split_collection(params)
-        spec = build_spec(inner, config, model_type=model_type, output_layer=output_layer)
+        spec = build_spec(inner, config, model_type=model_type, output_layer=output_layer, stacked=stacked)
         state = init_state(inner, spec, init_weights=config.init_weights, key=key)
         self.configs[adapter_name] = config
         self.specs[adapter_name] = spec
@@ -295,7 +299,7 @@ class FourierFTAdapter:
             inner, _ = split_collection(merged)
             for _, spec in static.adapters:
                 for layer in spec.layers:
-                    if not bool(jnp.isfinite(check_kernel(inner, layer.path, layer.kernel_shape)).all()):
+                    if not bool(jnp.isfinite(check_kernel(inner, layer.path, layer.param_shape)).all()):
                         raise ValueError(
                             f"fourierft_jax: NaN/inf in the merged kernel of {layer.name!r}; the adapter seems broken"
                         )
@@ -350,6 +354,7 @@ def apply(
     adapter_name: str = "default",
     model_type: Optional[str] = None,
     output_layer: Optional[str] = None,
+    stacked: Stacks = None,
 ) -> FourierFTAdapter:
     """Build a FourierFT adapter for the Dense kernels of a linen parameter tree that ``config`` targets.
 
@@ -360,6 +365,10 @@ def apply(
         adapter_name: name of this first adapter.
         model_type: transformers model type, for PEFT's default ``target_modules`` when they are unset.
         output_layer: layer excluded by ``target_modules="all-linear"``.
+        stacked: layer stacks (``nn.scan``/MaxText-style trees whose arrays carry a layer axis): a dotted module
+            path, a list of them, or ``{path: layer axis}`` (default axis 0). Layer ``i`` of stack
+            ``encoder.layer`` is matched and exported as ``encoder.layer.<i>...``, as PEFT names the unrolled
+            model; its spectra are one ``(layers, n)`` array per stacked kernel.
 
     Raises:
         bridge.NoTargetError: nothing matched; TypeError: a target is not a 2-D Dense kernel; ValueError:
@@ -375,6 +384,6 @@ def apply(
     """
     adapter = FourierFTAdapter()
     adapter.add_adapter(
-        adapter_name, config, params, key=key, model_type=model_type, output_layer=output_layer
+        adapter_name, config, params, key=key, model_type=model_type, output_layer=output_layer, stacked=stacked
     )
     return adapter

@@ -3,22 +3,32 @@
 Every dict node becomes a module named by its dotted path. A node holding a 2-D ``kernel`` is a linear layer
 (torch shape ``(out, in)`` = the kernel's shape reversed); other nodes get a descriptive kind so that a target
 matching them raises ``bridge``'s "cannot adapt" error naming the path.
+
+A stacked subtree (``stacked={"encoder.layer": 0}``: every array under it has the layer axis at the given
+position, as ``nn.scan`` makes them) is listed as its unrolled model would be: ``encoder.layer``, then
+``encoder.layer.0``, ``encoder.layer.0.attention...``, ``encoder.layer.1``, ... -- the names PEFT matches
+``target_modules`` and ``layers_to_transform`` against -- and the selected rows of one stacked kernel become a
+single ``LayerSpec`` with ``stack_ids``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import bridge
 
 from .layer import LayerSpec
-from .tree import Path, dotted, iter_nodes
+from .tree import Path, dotted, get_path, iter_nodes
+
+Stacks = Union[None, str, Sequence[str], Mapping[str, int]]
 
 
-def _kind(node: Mapping[str, Any]) -> tuple[str, Optional[tuple[int, int]]]:
+def _kind(node: Mapping[str, Any], stack_axis: Optional[int] = None) -> tuple[str, Optional[tuple[int, int]]]:
     kernel = node.get("kernel")
     if kernel is not None and not isinstance(kernel, Mapping):
         shape = tuple(getattr(kernel, "shape", ()))
+        if stack_axis is not None and len(shape) > stack_axis:
+            shape = shape[:stack_axis] + shape[stack_axis + 1 :]
         if len(shape) == 2:
             return bridge.LINEAR, (int(shape[1]), int(shape[0]))
         return f"{len(shape)}-D kernel {shape} (DenseGeneral/Conv; only 2-D Dense kernels can be adapted)", None
@@ -27,19 +37,104 @@ def _kind(node: Mapping[str, Any]) -> tuple[str, Optional[tuple[int, int]]]:
     return "module", None
 
 
-def module_infos(params: Mapping[str, Any]) -> list[tuple[Path, bridge.ModuleInfo]]:
-    """Every dict node of ``params`` (the ``params`` collection) as ``(path, bridge.ModuleInfo)``, in tree order.
+def stack_axes(params: Mapping[str, Any], stacked: Stacks) -> dict[Path, tuple[int, int]]:
+    """``{stack path: (layer axis, number of layers)}`` for the ``stacked`` argument, checked against ``params``.
+
+    ``stacked`` names subtrees whose arrays all carry a leading layer axis: a dotted path, a list of them (axis
+    0), or ``{path: axis}`` (e.g. axis 1 for MaxText's ``param_scan_axis=1``).
+
+    Example:
+        >>> import numpy as np
+        >>> tree = {"layers": {"fc": {"kernel": np.zeros((3, 8, 4)), "bias": np.zeros((3, 4))}}}
+        >>> stack_axes(tree, "layers")
+        {('layers',): (0, 3)}
+    """
+    if stacked is None:
+        return {}
+    if isinstance(stacked, str):
+        stacked = {stacked: 0}
+    elif not isinstance(stacked, Mapping):
+        stacked = {name: 0 for name in stacked}
+    out: dict[Path, tuple[int, int]] = {}
+    for name, axis in stacked.items():
+        path = tuple(name.split(".")) if name else ()
+        node = get_path(params, path, "stacked module")
+        if not isinstance(node, Mapping):
+            raise ValueError(f"fourierft_jax: stacked={name!r} names an array, not a module (a dict of parameters)")
+        sizes = {
+            dotted(path + sub): _axis_size(leaf, axis)
+            for sub, leaf in _leaves(node)
+        }
+        if not sizes:
+            raise ValueError(f"fourierft_jax: stacked module {name!r} holds no arrays")
+        bad = {key: size for key, size in sizes.items() if size is None}
+        if bad:
+            raise ValueError(f"fourierft_jax: stacked={{{name!r}: {axis}}}: {sorted(bad)[0]!r} has no axis {axis}")
+        if len(set(sizes.values())) != 1:
+            raise ValueError(
+                f"fourierft_jax: the arrays under stacked module {name!r} disagree on the number of layers along "
+                f"axis {axis}: {dict(sorted(sizes.items())[:4])}"
+            )
+        out[path] = (int(axis), int(next(iter(sizes.values()))))
+    for a in out:
+        for b in out:
+            if a != b and b[: len(a)] == a:
+                raise ValueError(f"fourierft_jax: stacked modules {dotted(a)!r} and {dotted(b)!r} are nested")
+    return out
+
+
+def _leaves(node: Mapping[str, Any], prefix: Path = ()) -> list[tuple[Path, Any]]:
+    found = []
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            found.extend(_leaves(value, prefix + (str(key),)))
+        else:
+            found.append((prefix + (str(key),), value))
+    return found
+
+
+def _axis_size(leaf: Any, axis: int) -> Optional[int]:
+    shape = tuple(getattr(leaf, "shape", ()))
+    return int(shape[axis]) if 0 <= axis < len(shape) else None
+
+
+def _stack_of(path: Path, stacks: Mapping[Path, tuple[int, int]]) -> Optional[Path]:
+    for head in stacks:
+        if path[: len(head)] == head:
+            return head
+    return None
+
+
+def module_infos(
+    params: Mapping[str, Any], stacked: Stacks = None
+) -> list[tuple[Path, Optional[int], bridge.ModuleInfo]]:
+    """Every module of ``params`` as ``(path, stack row or None, bridge.ModuleInfo)``, in unrolled tree order.
 
     Example:
         >>> import numpy as np
         >>> tree = {"encoder": {"query": {"kernel": np.zeros((8, 4)), "bias": np.zeros(4)}}}
-        >>> [(info.name, info.kind, info.shape) for _, info in module_infos(tree)][1:]
+        >>> [(info.name, info.kind, info.shape) for _, _, info in module_infos(tree)][1:]
         [('encoder', 'module', None), ('encoder.query', 'linear', (4, 8))]
+        >>> stacked = {"layer": {"fc": {"kernel": np.zeros((2, 8, 4))}}}
+        >>> [info.name for _, _, info in module_infos(stacked, "layer")]
+        ['', 'layer', 'layer.0', 'layer.0.fc', 'layer.1', 'layer.1.fc']
     """
-    infos = []
+    stacks = stack_axes(params, stacked)
+    infos: list[tuple[Path, Optional[int], bridge.ModuleInfo]] = []
     for path, node in iter_nodes(params):
-        kind, shape = _kind(node)
-        infos.append((path, bridge.ModuleInfo(dotted(path), kind, shape)))
+        head = _stack_of(path, stacks)
+        if head is None:
+            kind, shape = _kind(node)
+            infos.append((path, None, bridge.ModuleInfo(dotted(path), kind, shape)))
+        elif path == head:
+            # The stack's rows, each followed by its modules (the order of an unrolled model's named_modules).
+            infos.append((path, None, bridge.ModuleInfo(dotted(path), "module", None)))
+            axis, size = stacks[head]
+            for row in range(size):
+                for sub_path, sub_node in iter_nodes(node, path):
+                    kind, shape = _kind(sub_node, axis)
+                    name = dotted(head + (str(row),) + sub_path[len(head) :])
+                    infos.append((sub_path, row, bridge.ModuleInfo(name, kind, shape)))
     return infos
 
 
@@ -49,8 +144,12 @@ def select_layers(
     *,
     model_type: Optional[str] = None,
     output_layer: Optional[str] = None,
+    stacked: Stacks = None,
 ) -> tuple[LayerSpec, ...]:
     """The ``LayerSpec`` of every Dense kernel ``config`` adapts in ``params`` (``bridge.select_targets``' rules).
+
+    ``stacked`` names layer stacks (see ``stack_axes``); the selected rows of a stacked kernel form one
+    ``LayerSpec`` (its spectrum is ``(rows, n)``), which needs one ``n_frequency`` for all of them.
 
     Example:
         >>> import numpy as np
@@ -59,19 +158,38 @@ def select_layers(
         >>> [(l.name, l.kernel_shape, l.n_frequency) for l in select_layers(tree, config)]
         [('q', (8, 4), 5)]
     """
-    infos = module_infos(params)
-    paths = {info.name: path for path, info in infos}
+    stacks = stack_axes(params, stacked)
+    infos = module_infos(params, stacked)
+    where = {info.name: (path, row) for path, row, info in infos}
     targets = bridge.select_targets(
-        config, [info for _, info in infos], model_type=model_type, output_layer=output_layer
+        config, [info for _, _, info in infos], model_type=model_type, output_layer=output_layer
     )
-    return tuple(
-        LayerSpec(
-            path=paths[target.name],
-            in_features=target.in_features,
-            out_features=target.out_features,
-            n_frequency=target.n_frequency,
+    groups: dict[Path, list[tuple[int, bridge.TargetLayer]]] = {}
+    for target in targets:
+        path, row = where[target.name]
+        groups.setdefault(path, []).append((row, target))
+    layers = []
+    for path, rows in groups.items():
+        first = rows[0][1]
+        common = dict(
+            path=path,
+            in_features=first.in_features,
+            out_features=first.out_features,
+            n_frequency=first.n_frequency,
             scaling=float(config.scaling),
             seed=int(config.random_loc_seed),
         )
-        for target in targets
-    )
+        if rows[0][0] is None:
+            layers.append(LayerSpec(**common))
+            continue
+        odd = [t.name for _, t in rows if t.n_frequency != first.n_frequency]
+        if odd:
+            raise ValueError(
+                f"fourierft_jax: layers {first.name!r} (n_frequency={first.n_frequency}) and {odd[0]!r} share one "
+                "stacked kernel but n_frequency_pattern gives them different n_frequency; a stack needs one value"
+            )
+        head = _stack_of(path, stacks)
+        axis, size = stacks[head]
+        ids = tuple(sorted(row for row, _ in rows))
+        layers.append(LayerSpec(**common, stack_axis=axis, stack_size=size, stack_ids=ids, stack_depth=len(head)))
+    return tuple(layers)
