@@ -17,9 +17,11 @@ Which path to use:
   simplest form and the one for inference -- ``merge_and_unload`` once, then the adapter costs nothing. In
   training, autodiff forms the ``xᵀ dy`` weight gradient for every adapted layer.
 
-"fused", "spectral" and "auto" need the unstacked targeted layers to be ``flax.linen.Dense`` modules called
-at their parameter path; stacked kernels (``stacked=`` in ``apply``, e.g. under ``nn.scan``) are merged into
-the parameter tree for the call, one batched ``ΔW`` build per stacked kernel (``merge_stacked``).
+"fused", "spectral" and "auto" need the targeted layers to be ``flax.linen.Dense`` modules called at their
+parameter path. A stacked kernel (``stacked=`` in ``apply``) must be called under the ``nn.scan``/``nn.vmap``
+that slices its parameters: its spectra ride along in the ``params`` collection, next to the kernel, with the
+layer axis where the kernel has it (``inject_stacked``), so the lifted transform hands each layer call its own
+row and the call is adapted like any other (no ``xᵀdy``). Stacks used any other way need ``mode="merge"``.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import numpy as np
 from .adapter import AdapterSet, adapter_state, layer_spectrum
 from .fused import fused_dense_multi
 from .layer import LayerSpec
-from .merge import DEFAULT_DELTA_METHOD, merge_params, merge_stacked
+from .merge import DEFAULT_DELTA_METHOD, merge_params, substitute
 from .spectral import spectral_delta
-from .tree import Path
+from .tree import Path, dotted, replace_paths, split_collection
 
 MODES = ("auto", "fused", "spectral", "merge")
 DEFAULT_MODE = "auto"
@@ -58,6 +60,58 @@ def choose_path(tokens: int, layer: LayerSpec) -> str:
     """
     n_in, n_out = layer.in_features, layer.out_features
     return "fused" if tokens * (n_in + n_out) >= FUSED_MIN_RATIO * n_in * n_out else "spectral"
+
+
+def stacked_key(adapter_name: str) -> str:
+    """The ``params`` entry, next to a stacked kernel, that carries adapter ``adapter_name``'s spectra into a scan."""
+    return f"__fourierft_spectrum__{adapter_name}"
+
+
+def inject_stacked(variables: Any, trainable: Mapping[str, Any], static: AdapterSet) -> Any:
+    """``variables`` with each stacked layer's spectra placed next to its kernel, the layer axis where it has it.
+
+    Rows of the stack that an adapter leaves alone get zeros, so every scanned call finds a row; their gradient
+    is dropped by the scatter.
+
+    Example:
+        >>> import numpy as np, jax, fourierft_jax
+        >>> params = {"s": {"fc": {"kernel": np.zeros((4, 3, 2), np.float32)}}}
+        >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=5, target_modules=["fc"])
+        >>> adapter = fourierft_jax.apply(params, cfg, key=jax.random.key(0), stacked={"s": 1})
+        >>> inject_stacked(params, adapter.trainable, adapter.static)["s"]["fc"][stacked_key("default")].shape
+        (5, 3)
+    """
+    if static.disabled:
+        return variables
+    inner, rebuild = split_collection(variables)
+    updates: dict[Path, Any] = {}
+    for name, spec in static.adapters:
+        state = adapter_state(trainable, name)
+        for layer in spec.layers:
+            if not layer.stacked:
+                continue
+            rows = layer_spectrum(state, layer, name)
+            full = jnp.zeros((layer.stack_size, layer.n_frequency), rows.dtype).at[np.asarray(layer.stack_ids)].set(rows)
+            # (L, n) -> n first, then singleton axes up to the layer axis, so the scan slices out an (n, 1...) row.
+            shape = [layer.n_frequency] + [1] * max(layer.stack_axis - 1, 0)
+            shape.insert(layer.stack_axis, layer.stack_size)
+            full = jnp.moveaxis(full, 0, layer.stack_axis) if layer.stack_axis else full
+            updates[layer.path + (stacked_key(name),)] = full.reshape(shape)
+    return rebuild(replace_paths(inner, updates))
+
+
+def _stacked_row(module: nn.Module, layer: LayerSpec, adapter_name: str) -> Any:
+    """This call's row of a stacked layer's spectra, checking that the call sees one layer, not the stack."""
+    kernel = module.get_variable("params", "kernel")
+    row = module.get_variable("params", stacked_key(adapter_name))
+    shape = tuple(np.shape(nn.meta.unbox(kernel))) if kernel is not None else None
+    if row is None or shape != layer.kernel_shape:
+        raise ValueError(
+            f"fourierft_jax: the stacked layer {layer.name!r} was called with kernel shape {shape} instead of one "
+            f"layer's {layer.kernel_shape}: it is not under the nn.scan/nn.vmap that slices its stack; use "
+            "mode='merge' for this model"
+        )
+    return jnp.reshape(row, (layer.n_frequency,))
 
 
 def _fused_call(module: nn.Dense, x: Any, entries: list) -> Any:
@@ -88,8 +142,9 @@ def spectral_interceptor(
     FFT-based backward) or "auto" (``choose_path`` per layer and call).
 
     Yields the set of layer paths that were reached, so callers can tell a model whose Dense modules do not sit
-    at their parameter paths (e.g. under ``nn.scan``). Biases and ``modules_to_save`` are not handled here: pass
-    ``substitute(params, trainable, static)`` to ``model.apply`` (``make_apply`` does both).
+    at their parameter paths. Biases, ``modules_to_save`` and stacked spectra are not handled here: pass
+    ``inject_stacked(substitute(params, trainable, static), trainable, static)`` to ``model.apply``
+    (``make_apply`` does all of it).
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, fourierft_jax
@@ -112,8 +167,9 @@ def spectral_interceptor(
         for name, spec in static.adapters:
             state = adapter_state(trainable, name)
             for layer in spec.layers:
-                if not layer.stacked:  # stacked kernels are merged into the parameters (merge_stacked)
-                    table.setdefault(tuple(layer.path), []).append((layer, layer_spectrum(state, layer, name)))
+                # A stacked layer's row is read from the (scan-sliced) parameters at call time: see inject_stacked.
+                spectrum = name if layer.stacked else layer_spectrum(state, layer, name)
+                table.setdefault(tuple(layer.path), []).append((layer, spectrum))
     reached: set[Path] = set()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -133,6 +189,10 @@ def spectral_interceptor(
                 f"flax.linen.Dense; the spectral path only adapts Dense calls (use mode='merge')"
             )
         x = args[0] if args else kwargs["inputs"]
+        entries = [
+            (layer.unstacked, _stacked_row(module, layer, spectrum)) if layer.stacked else (layer, spectrum)
+            for layer, spectrum in entries
+        ]
         path_mode = mode
         if mode == "auto":
             path_mode = choose_path(int(np.prod(np.shape(x)[:-1], dtype=np.int64)), entries[0][0])
@@ -187,10 +247,10 @@ def make_apply(
         return merged_apply
 
     def spectral_apply(trainable: Mapping[str, Any], variables: Any, *args: Any, **kwargs: Any) -> Any:
-        variables = merge_stacked(variables, trainable, static, method=method)
+        variables = inject_stacked(substitute(variables, trainable, static), trainable, static)
         with spectral_interceptor(trainable, static, mode) as reached:
             out = apply_fn(variables, *args, **kwargs)
-        expected = {tuple(layer.path) for _, spec in static.adapters for layer in spec.layers if not layer.stacked}
+        expected = {tuple(layer.path) for _, spec in static.adapters for layer in spec.layers}
         missing = expected - reached if not static.disabled else set()
         if missing and missing == expected:
             raise ValueError(

@@ -6,14 +6,13 @@ trainable state only.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from .adapter import BIAS, MODULES_TO_SAVE, AdapterSet, adapter_state, layer_spectrum
 from .delta import delta_kernel
-from .layer import LayerSpec
 from .tree import Path, dotted, get_path, replace_paths, split_collection
 
 DEFAULT_DELTA_METHOD = "irfft2"
@@ -98,40 +97,6 @@ def merge_params(
         >>> merged["q"]["kernel"].shape
         (8, 4)
     """
-    return _merged(params, trainable, static, method, lambda layer: True)
-
-
-def merge_stacked(
-    params: Mapping[str, Any],
-    trainable: Mapping[str, Any],
-    static: AdapterSet,
-    *,
-    method: str = DEFAULT_DELTA_METHOD,
-) -> Any:
-    """``substitute`` plus ``W + ΔW`` for the stacked kernels only: what the intercepting paths run the model on.
-
-    Inside ``nn.scan`` a Dense call sees one row of its stacked kernel and no row index, so stacked layers are
-    merged (one batched ΔW build for the whole stack) while unstacked Dense calls are intercepted.
-
-    Example:
-        >>> import numpy as np, fourierft_jax
-        >>> params = {"s": {"fc": {"kernel": np.zeros((2, 4, 3), np.float32)}}, "q": {"kernel": np.zeros((4, 3))}}
-        >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["fc", "q"])
-        >>> adapter = fourierft_jax.apply(params, cfg, key=jax.random.key(0), stacked="s")
-        >>> out = merge_stacked(params, adapter.trainable, adapter.static)
-        >>> bool(jnp.any(out["s"]["fc"]["kernel"] != 0)), out["q"]["kernel"] is params["q"]["kernel"]
-        (True, True)
-    """
-    return _merged(params, trainable, static, method, lambda layer: layer.stacked)
-
-
-def _merged(
-    params: Mapping[str, Any],
-    trainable: Mapping[str, Any],
-    static: AdapterSet,
-    method: str,
-    select: Callable[[LayerSpec], bool],
-) -> Any:
     if static.disabled:
         return params
     inner, rebuild = split_collection(params)
@@ -141,8 +106,6 @@ def _merged(
         for layer in spec.layers:
             path = layer.path + ("kernel",)
             kernel = updates[path] if path in updates else check_kernel(inner, layer.path, layer.param_shape)
-            if not select(layer):
-                continue
             delta = delta_kernel(layer_spectrum(state, layer, name), layer, method)
             kernel = jnp.asarray(kernel)
             updates[path] = kernel + delta.astype(kernel.dtype)

@@ -1,5 +1,7 @@
 """Stacked (scanned) layers on linen: an ``nn.scan`` model against the same model unrolled, and the numpy reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -64,13 +66,17 @@ def _unroll(params, axis):
     return {"params": dict(params["params"], encoder={"layer": layers})}
 
 
-@pytest.fixture(scope="module", params=[0, 1], ids=["axis0", "axis1"])
-def models(request):
-    axis = request.param
+@functools.lru_cache(maxsize=None)
+def _models(axis):
     x = jax.random.normal(jax.random.key(0), (4, 5, 12))
     scanned = Scanned(axis)
     params = scanned.init(jax.random.key(1), x)
     return axis, scanned, params, _unroll(params, axis), x
+
+
+@pytest.fixture(scope="module", params=[0, 1], ids=["axis0", "axis1"])
+def models(request):
+    return _models(request.param)
 
 
 def _pair(models, **config_kwargs):
@@ -99,20 +105,21 @@ def test_stacked_names_match_unrolled(models):
         "encoder.layer.fc1": (L, 40), "encoder.layer.fc2": (L, 40)}
 
 
-@pytest.mark.parametrize("mode", ["merge", "auto"])
-def test_scanned_outputs_and_gradients_equal_unrolled(models, mode):
+@pytest.mark.parametrize("axis, mode", [(0, "merge"), (0, "spectral"), (1, "auto"), (1, "fused")])
+def test_scanned_outputs_and_gradients_equal_unrolled(axis, mode):
+    models = _models(axis)
     _, scanned, params, unrolled_params, x = models
     stacked, flat = _pair(models, target_modules=["fc1", "fc2", "head"])
     f_stacked = stacked.make_apply(scanned.apply, mode=mode)
     f_flat = flat.make_apply(Unrolled().apply, mode="merge")
     y_s = jax.jit(f_stacked)(stacked.trainable, params, x)
-    y_f = f_flat(flat.trainable, unrolled_params, x)
+    y_f = jax.jit(f_flat)(flat.trainable, unrolled_params, x)
     np.testing.assert_allclose(y_s, y_f, rtol=1e-5, atol=1e-5)
 
     loss_s = lambda t: jnp.sum(f_stacked(t, params, x) ** 2)
     loss_f = lambda t: jnp.sum(f_flat(t, unrolled_params, x) ** 2)
-    g_s = jax.grad(loss_s)(stacked.trainable)["default"]["spectra"]
-    g_f = jax.grad(loss_f)(flat.trainable)["default"]["spectra"]
+    g_s = jax.jit(jax.grad(loss_s))(stacked.trainable)["default"]["spectra"]
+    g_f = jax.jit(jax.grad(loss_f))(flat.trainable)["default"]["spectra"]
     for layer in stacked.specs["default"].layers:
         expected = np.stack([g_f[name] for name in layer.torch_names])
         expected = expected if layer.stacked else expected[0]
@@ -178,3 +185,22 @@ def test_stack_errors_name_the_problem():
     # Without `stacked`, a 3-D kernel is refused with the DenseGeneral explanation, naming the path.
     with pytest.raises(TypeError, match="layer.fc"):
         fourierft_jax.apply(good, config, key=jax.random.key(0))
+
+
+def test_stack_called_without_its_scan_is_refused_by_the_intercepting_paths(models):
+    axis, _, params, _, x = models
+    config = fourierft_jax.FourierFTConfig(n_frequency=10, target_modules=["fc1"])
+
+    class Looped(nn.Module):  # uses the stacked kernel whole, not under nn.scan
+        @nn.compact
+        def __call__(self, h):
+            class Fc(nn.Module):
+                @nn.compact
+                def __call__(self, h):
+                    return nn.Dense(H, name="fc1")(h)
+            return Fc(name="layer")(h)
+
+    wrapped = {"params": {"layer": params["params"]["encoder"]["layer"]}}
+    relocated = fourierft_jax.apply(wrapped, config, key=jax.random.key(0), stacked={"layer": axis})
+    with pytest.raises(ValueError, match="not under the nn.scan"):
+        relocated.make_apply(Looped().apply)(relocated.trainable, wrapped, jnp.ones((2, D)))
