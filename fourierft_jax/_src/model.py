@@ -340,7 +340,8 @@ class FourierFTAdapter:
 
     def __repr__(self) -> str:
         parts = [
-            f"{name}: {len(spec.layers)} layers, {sum(l.n_frequency for l in spec.layers)} coefficients"
+            f"{name}: {sum(len(l.torch_names) for l in spec.layers)} layers, "
+            f"{sum(l.n_frequency * len(l.torch_names) for l in spec.layers)} coefficients"
             for name, spec in self.specs.items()
         ]
         return f"FourierFTAdapter(active={self.active_adapters}, disabled={self.disabled}, {'; '.join(parts)})"
