@@ -1,5 +1,8 @@
 """FourierFT for Flax NNX: swap targeted ``nnx.Linear`` modules for ``FourierFTLinear`` and back.
 
+Layer stacks built with ``nnx.vmap`` and run with ``nnx.scan`` are adapted with ``apply(..., stacked="path")``: each
+stacked ``nnx.Linear`` gets one ``FourierFTLinear`` whose spectrum holds one row per layer, ``(L, n)``.
+
 Example:
     >>> import jax, jax.numpy as jnp, optax, fourierft_jax
     >>> from flax import nnx
@@ -17,6 +20,7 @@ Example:
 
 from ._src.nnx_layer import FourierFTLinear, FourierFTSpectrum, FourierFTTrainable
 from ._src.nnx_model import apply, merge_and_unload, set_disabled, unload
+from ._src.nnx_model import select_nnx_layers as select_layers
 
 __all__ = [
     "FourierFTLinear",
@@ -24,6 +28,7 @@ __all__ = [
     "FourierFTTrainable",
     "apply",
     "merge_and_unload",
+    "select_layers",
     "set_disabled",
     "unload",
 ]

@@ -1,7 +1,9 @@
 """``SavedAdapter`` to and from NNX models adapted by ``fourierft_jax.nnx.apply``.
 
 Names are the dotted attribute paths, as in ``fourierft_jax.nnx``; the bias of an adapted layer is recorded under
-the layer's path (as for linen trees), although NNX keeps it in ``<layer>.base.bias``.
+the layer's path (as for linen trees), although NNX keeps it in ``<layer>.base.bias``. A stacked layer (``nnx.vmap``
+stack) is recorded as for linen: its ``LayerSpec`` carries the stack fields and its spectrum, keyed by the path
+without a layer index, is ``(L, n)``; attaching re-creates the stack from those fields.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import bridge
 
 from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
 from .nnx_layer import FourierFTLinear
-from .nnx_model import apply as nnx_apply
+from .nnx_model import apply as nnx_apply, select_nnx_layers
 from .saved import AdapterMismatchError, SavedAdapter, flat_leaves
 from .tree import Path, dotted
 
@@ -102,9 +104,18 @@ def _check(saved: SavedAdapter, model: nnx.Module) -> None:
             module = module.base
         if not isinstance(module, nnx.Linear):
             problems.append(f"layer {layer.name!r}: the model has no nnx.Linear there (found {type(module).__name__})")
-        elif tuple(module.kernel.shape) != layer.kernel_shape:
+        elif tuple(module.kernel.shape) != layer.param_shape:
             problems.append(f"layer {layer.name!r}: kernel has shape {tuple(module.kernel.shape)} in the model but "
-                            f"the adapter was saved for {layer.kernel_shape}")
+                            f"the adapter was saved for {layer.param_shape}")
+        spectrum = saved.state[SPECTRA].get(layer.name)
+        if spectrum is None or tuple(np.shape(spectrum)) != layer.spectrum_shape:
+            found = "none" if spectrum is None else tuple(np.shape(spectrum))
+            problems.append(f"layer {layer.name!r}: the adapter's spectrum has shape {found}, its layer needs "
+                            f"{layer.spectrum_shape}")
+        if layer.stacked and (layer.stack_axis != 0 or len(layer.stack_ids) != layer.stack_size):
+            problems.append(f"layer {layer.name!r}: adapts layers {list(layer.stack_ids)} of a stack of "
+                            f"{layer.stack_size} along axis {layer.stack_axis}; an NNX stack needs all of them, "
+                            "along axis 0")
     for path in saved.spec.bias_paths:
         module = modules.get(path)
         if isinstance(module, FourierFTLinear):
@@ -147,16 +158,27 @@ def attach_nnx(saved: SavedAdapter, model: nnx.Module) -> nnx.Module:
         'FourierFTLinear'
     """
     _check(saved, model)
-    have = {path for path, module in _modules(model) if isinstance(module, FourierFTLinear)}
-    want = {layer.path for layer in saved.spec.layers}
-    if not have:
-        nnx_apply(model, dataclasses.replace(saved.config, init_weights=True))
-        have = {path for path, module in _modules(model) if isinstance(module, FourierFTLinear)}
-    if have != want:
+    config = dataclasses.replace(saved.config, init_weights=True)
+    stacked = saved_stacks(saved) or None
+    have = {path: module.layer for path, module in _modules(model) if isinstance(module, FourierFTLinear)}
+    fresh = not have
+    if fresh:
+        # Matched (and so validated) before the model is touched.
+        have = {layer.path: layer for layer in select_nnx_layers(model, config, stacked=stacked)}
+    want = {layer.path: layer for layer in saved.spec.layers}
+    if set(have) != set(want):
         raise AdapterMismatchError(
             f"adapter does not fit the model: the config adapts {sorted(map(dotted, have))} but the adapter holds "
             f"{sorted(map(dotted, want))}"
         )
+    for path, layer in want.items():
+        if have[path] != layer:
+            raise AdapterMismatchError(
+                f"adapter does not fit the model: layer {layer.name!r} is {have[path]} in the model but {layer} in "
+                "the adapter"
+            )
+    if fresh:
+        nnx_apply(model, config, stacked=stacked)
     for layer in saved.spec.layers:
         module = _get(model, layer.path)
         module.spectrum.set_value(jnp.asarray(saved.state[SPECTRA][layer.name]))
@@ -170,6 +192,21 @@ def attach_nnx(saved: SavedAdapter, model: nnx.Module) -> nnx.Module:
         nnx.replace_by_pure_dict(state, saved.state[MODULES_TO_SAVE][dotted(path)])
         nnx.update(module, state)
     return model
+
+
+def saved_stacks(saved: SavedAdapter) -> dict[str, int]:
+    """``{stack path: layer axis}`` of the stacked layers of ``saved``: the ``stacked=`` that re-creates them.
+
+    Example:
+        >>> from fourierft_jax._src.layer import LayerSpec
+        >>> from fourierft_jax._src.adapter import AdapterSpec
+        >>> layer = LayerSpec(("layers", "fc"), 8, 4, 3, 1.0, 0, stack_axis=0, stack_size=2, stack_ids=(0, 1),
+        ...                   stack_depth=1)
+        >>> saved_stacks(SavedAdapter(bridge.FourierFTConfig(), AdapterSpec((layer,)), {}))
+        {'layers': 0}
+    """
+    return {dotted(layer.path[: layer.stack_depth]): int(layer.stack_axis)
+            for layer in saved.spec.layers if layer.stacked}
 
 
 def nnx_params_view(model: nnx.Module) -> dict[str, Any]:
