@@ -18,6 +18,7 @@ from ._src.layer import LayerSpec
 from ._src.merge import merge_params, substitute
 from ._src.model import FourierFTAdapter, apply
 from ._src.optim import multi_lr
+from ._src.sharding import sharded_delta
 from ._src.spectral import spectral_delta
 from ._src.targets import module_infos, select_layers
 
@@ -57,6 +58,7 @@ __all__ = [
     "multi_lr",
     "nnx",
     "select_layers",
+    "sharded_delta",
     "spectral_delta",
     "spectral_interceptor",
     "substitute",

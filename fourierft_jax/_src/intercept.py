@@ -38,6 +38,7 @@ from .adapter import AdapterSet, adapter_state, layer_spectrum
 from .fused import fused_dense_multi
 from .layer import LayerSpec
 from .merge import DEFAULT_DELTA_METHOD, merge_params, substitute
+from .sharding import call_sharding
 from .spectral import spectral_delta
 from .tree import Path, dotted, replace_paths, split_collection
 
@@ -114,7 +115,7 @@ def _stacked_row(module: nn.Module, layer: LayerSpec, adapter_name: str) -> Any:
     return jnp.reshape(row, (layer.n_frequency,))
 
 
-def _fused_call(module: nn.Dense, x: Any, entries: list) -> Any:
+def _fused_call(module: nn.Dense, x: Any, entries: list, sharding: Any = None) -> Any:
     """``module(x)`` with ``W + ΔW`` as the kernel, or None where the Dense is not a plain one we can replay."""
     if getattr(module, "dot_general", None) is not None or getattr(module, "dot_general_cls", None) is not None:
         return None
@@ -126,7 +127,8 @@ def _fused_call(module: nn.Dense, x: Any, entries: list) -> Any:
     promote = getattr(module, "promote_dtype", None) or nn.dtypes.promote_dtype
     x, kernel, bias = promote(x, kernel, bias, dtype=module.dtype)
     layers = tuple(layer for layer, _ in entries)
-    y = fused_dense_multi(x, kernel, tuple(spectrum for _, spectrum in entries), layers, precision=module.precision)
+    y = fused_dense_multi(x, kernel, tuple(spectrum for _, spectrum in entries), layers, precision=module.precision,
+                          sharding=sharding)
     if bias is not None:
         y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
@@ -134,12 +136,14 @@ def _fused_call(module: nn.Dense, x: Any, entries: list) -> Any:
 
 @contextlib.contextmanager
 def spectral_interceptor(
-    trainable: Mapping[str, Any], static: AdapterSet, mode: str = "spectral"
+    trainable: Mapping[str, Any], static: AdapterSet, mode: str = "spectral", *, shardings: Any = None
 ) -> Iterator[set[Path]]:
     """Within this context, every targeted linen ``Dense`` call includes the active adapters' output.
 
     ``mode`` is "spectral" (run the Dense, add ``spectral_delta``), "fused" (``x @ (W + ΔW) + b`` with the
-    FFT-based backward) or "auto" (``choose_path`` per layer and call).
+    FFT-based backward) or "auto" (``choose_path`` per layer and call). With ``shardings`` (the parameters'
+    ``NamedSharding`` tree) the fused path builds ``ΔW`` shard-locally and reduces its gradient as ``n`` floats,
+    and "auto" takes it for every sharded layer (XLA all-gathers the operand of the spectral path's FFTs).
 
     Yields the set of layer paths that were reached, so callers can tell a model whose Dense modules do not sit
     at their parameter paths. Biases, ``modules_to_save`` and stacked spectra are not handled here: pass
@@ -163,6 +167,7 @@ def spectral_interceptor(
     if mode not in ("auto", "fused", "spectral"):
         raise ValueError(f"fourierft_jax: interceptor mode must be 'auto', 'fused' or 'spectral', got {mode!r}")
     table: dict[Path, list] = {}
+    placement: dict[Path, Any] = {}
     if not static.disabled:
         for name, spec in static.adapters:
             state = adapter_state(trainable, name)
@@ -170,6 +175,7 @@ def spectral_interceptor(
                 # A stacked layer's row is read from the (scan-sliced) parameters at call time: see inject_stacked.
                 spectrum = name if layer.stacked else layer_spectrum(state, layer, name)
                 table.setdefault(tuple(layer.path), []).append((layer, spectrum))
+                placement.setdefault(tuple(layer.path), call_sharding(shardings, layer))
     reached: set[Path] = set()
 
     def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
@@ -196,8 +202,10 @@ def spectral_interceptor(
         path_mode = mode
         if mode == "auto":
             path_mode = choose_path(int(np.prod(np.shape(x)[:-1], dtype=np.int64)), entries[0][0])
+            if placement[path] is not None:
+                path_mode = "fused"
         if path_mode == "fused":
-            y = _fused_call(module, x, entries)
+            y = _fused_call(module, x, entries, placement[path])
             if y is not None:
                 reached.add(path)
                 return y
@@ -217,6 +225,7 @@ def make_apply(
     *,
     mode: str = DEFAULT_MODE,
     method: str = DEFAULT_DELTA_METHOD,
+    shardings: Any = None,
 ) -> Callable[..., Any]:
     """``f(trainable, variables, *args, **kwargs)``: ``apply_fn`` (e.g. ``model.apply``) with the adapters on.
 
@@ -225,6 +234,11 @@ def make_apply(
     adapter output computed in the spectral domain; ``"merge"`` calls ``apply_fn`` on ``W + ΔW`` parameters.
     All give the same numbers; the function is pure, so ``jax.grad`` over ``trainable`` and ``jax.jit`` work
     directly.
+
+    On a device mesh pass ``shardings``: the parameters' ``NamedSharding`` tree (structured like ``variables``
+    or their ``params`` collection), i.e. what ``jax.jit(in_shardings=...)`` gets for them. Each ``ΔW`` is then
+    built shard-locally with its kernel's sharding and the spectrum gradient is reduced as ``n`` floats (see
+    ``sharded_delta``); "auto" takes the fused path for sharded layers.
 
     Example:
         >>> import jax, jax.numpy as jnp, flax.linen as nn, fourierft_jax
@@ -242,13 +256,14 @@ def make_apply(
     if mode == "merge":
 
         def merged_apply(trainable: Mapping[str, Any], variables: Any, *args: Any, **kwargs: Any) -> Any:
-            return apply_fn(merge_params(variables, trainable, static, method=method), *args, **kwargs)
+            merged = merge_params(variables, trainable, static, method=method, shardings=shardings)
+            return apply_fn(merged, *args, **kwargs)
 
         return merged_apply
 
     def spectral_apply(trainable: Mapping[str, Any], variables: Any, *args: Any, **kwargs: Any) -> Any:
         variables = inject_stacked(substitute(variables, trainable, static), trainable, static)
-        with spectral_interceptor(trainable, static, mode) as reached:
+        with spectral_interceptor(trainable, static, mode, shardings=shardings) as reached:
             out = apply_fn(variables, *args, **kwargs)
         expected = {tuple(layer.path) for _, spec in static.adapters for layer in spec.layers}
         missing = expected - reached if not static.disabled else set()

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from .adapter import BIAS, MODULES_TO_SAVE, AdapterSet, adapter_state, layer_spectrum
 from .delta import delta_kernel
+from .sharding import kernel_sharding, sharded_delta
 from .tree import Path, dotted, get_path, replace_paths, split_collection
 
 DEFAULT_DELTA_METHOD = "irfft2"
@@ -81,11 +82,14 @@ def merge_params(
     static: AdapterSet,
     *,
     method: str = DEFAULT_DELTA_METHOD,
+    shardings: Any = None,
 ) -> Any:
     """``params`` with every adapted kernel replaced by ``W + ΔW`` (ΔW in float32, cast to the kernel dtype).
 
     Accepts a variables dict (``{"params": ...}``) or the ``params`` collection and returns the same structure.
-    A stacked kernel gets the ΔW of the whole stack at once.
+    A stacked kernel gets the ΔW of the whole stack at once. ``shardings`` (a tree like ``params`` or its
+    ``params`` collection, ``NamedSharding`` leaves, e.g. what ``jax.jit(in_shardings=...)`` gets) builds each
+    ``ΔW`` shard-locally with its kernel's sharding (``sharded_delta``; ``method`` is then not used).
 
     Example:
         >>> import numpy as np, bridge
@@ -106,7 +110,12 @@ def merge_params(
         for layer in spec.layers:
             path = layer.path + ("kernel",)
             kernel = updates[path] if path in updates else check_kernel(inner, layer.path, layer.param_shape)
-            delta = delta_kernel(layer_spectrum(state, layer, name), layer, method)
+            spectrum = layer_spectrum(state, layer, name)
+            sharding = kernel_sharding(shardings, layer.path)
+            if sharding is None:
+                delta = delta_kernel(spectrum, layer, method)
+            else:
+                delta = sharded_delta(spectrum, layer, sharding)
             kernel = jnp.asarray(kernel)
             updates[path] = kernel + delta.astype(kernel.dtype)
     return rebuild(replace_paths(inner, updates))

@@ -238,12 +238,18 @@ class FourierFTAdapter:
             self.state[name] = value
 
     def make_apply(
-        self, apply_fn: Callable[..., Any], *, mode: str = DEFAULT_MODE, method: str = DEFAULT_DELTA_METHOD
+        self,
+        apply_fn: Callable[..., Any],
+        *,
+        mode: str = DEFAULT_MODE,
+        method: str = DEFAULT_DELTA_METHOD,
+        shardings: Any = None,
     ) -> Callable[..., Any]:
         """``f(trainable, variables, *args, **kwargs)`` running ``apply_fn`` with the active adapters.
 
         See ``fourierft_jax.make_apply``: ``mode="auto"`` (default: fused or spectral per layer and batch size),
-        ``"fused"``, ``"spectral"`` or ``"merge"``.
+        ``"fused"``, ``"spectral"`` or ``"merge"``; ``shardings`` (the parameters' ``NamedSharding`` tree) for a
+        device mesh.
 
         Example:
             >>> import numpy as np, fourierft_jax
@@ -254,7 +260,7 @@ class FourierFTAdapter:
             >>> forward(adapter.trainable, params, np.ones((1, 4), np.float32)).tolist()
             [[4.0, 4.0, 4.0]]
         """
-        return make_apply(apply_fn, self.static, mode=mode, method=method)
+        return make_apply(apply_fn, self.static, mode=mode, method=method, shardings=shardings)
 
     def num_trainable_params(self) -> int:
         """Number of trainable scalars of the active adapters.

@@ -225,15 +225,6 @@ def _shard_backward(grad: jax.Array, plan: _Plan) -> jax.Array:
     return jax.lax.psum(partial, axes) if axes else partial
 
 
-def _replicated_delta(spectrum: jax.Array, layer: LayerSpec) -> jax.Array:
-    """``ΔW`` in param layout on one device: ``irfft2`` per adapted stack row, zeros elsewhere."""
-    if not layer.stacked:
-        return delta_kernel_f32(spectrum, layer)
-    rows = jax.vmap(lambda c: delta_kernel_f32(c, layer.unstacked))(spectrum)
-    full = jnp.zeros((layer.stack_size,) + layer.kernel_shape, jnp.float32).at[np.asarray(layer.stack_ids)].set(rows)
-    return jnp.moveaxis(full, 0, layer.stack_axis)
-
-
 # -- the public function ----------------------------------------------------------------------------------------
 
 
@@ -242,7 +233,7 @@ def _delta_fn(layer: LayerSpec, sharding: Sharding) -> Callable[[jax.Array], jax
     ndim = len(layer.param_shape)
     if not isinstance(sharding, NamedSharding):
         if sharding.is_fully_replicated:
-            return jax.jit(lambda spectrum: _replicated_delta(spectrum, layer))
+            return jax.jit(lambda spectrum: delta_kernel_f32(spectrum, layer))
         raise TypeError(
             f"fourierft_jax: layer {layer.name!r} needs a jax.sharding.NamedSharding (mesh + PartitionSpec), got "
             f"{type(sharding).__name__}"
@@ -251,14 +242,14 @@ def _delta_fn(layer: LayerSpec, sharding: Sharding) -> Callable[[jax.Array], jax
     plan = _Plan(layer, mesh, _dim_axes(sharding.spec, ndim, layer))
     if not _divides(layer, mesh, plan.axes):
         # Uneven blocks cannot go through shard_map; let XLA place the plain build (correct, may communicate).
-        return jax.jit(lambda spectrum: jax.lax.with_sharding_constraint(_replicated_delta(spectrum, layer),
+        return jax.jit(lambda spectrum: jax.lax.with_sharding_constraint(delta_kernel_f32(spectrum, layer),
                                                                          sharding))
     back = _refine(plan)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def forward(spectrum: jax.Array) -> jax.Array:
         if not any(plan.shards(d) > 1 for d in range(ndim)):
-            return jax.lax.with_sharding_constraint(_replicated_delta(spectrum, layer), sharding)
+            return jax.lax.with_sharding_constraint(delta_kernel_f32(spectrum, layer), sharding)
         local = jax.shard_map(functools.partial(_shard_forward, plan=plan), mesh=mesh, in_specs=PartitionSpec(),
                               out_specs=plan.spec)
         return local(jax.lax.with_sharding_constraint(spectrum, replicated))
@@ -319,3 +310,29 @@ def kernel_sharding(shardings: object, path: tuple[str, ...]) -> Optional[Shardi
             raise KeyError(f"fourierft_jax: shardings has no entry for {'.'.join(path + ('kernel',))!r}")
         node = node[key]
     return node
+
+
+def call_sharding(shardings: object, layer: LayerSpec) -> Optional[Sharding]:
+    """The sharding of the ``(in, out)`` kernel one call of ``layer`` sees (a scanned stack: one row of it).
+
+    None without ``shardings``, for a non-named sharding, or where the layer axis itself is split (a scan then
+    sees a kernel that is not one block of the mesh).
+
+    Example:
+        >>> import numpy as np, jax
+        >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+        >>> layer = LayerSpec(("s", "q"), 8, 4, 3, 1.0, 0, stack_axis=0, stack_size=2, stack_ids=(0, 1),
+        ...                   stack_depth=1)
+        >>> call_sharding({"s": {"q": {"kernel": NamedSharding(mesh, P(None, "model"))}}}, layer).spec
+        P('model', None)
+    """
+    sharding = kernel_sharding(shardings, layer.path)
+    if not isinstance(sharding, NamedSharding) or not layer.stacked:
+        return sharding
+    entries = list(sharding.spec) + [None] * (len(layer.param_shape) - len(sharding.spec))
+    layer_axis = entries.pop(layer.stack_axis)
+    if layer_axis is not None and math.prod(sharding.mesh.shape[a] for a in _dim_axes(PartitionSpec(layer_axis), 1,
+                                                                                       layer)[0]) > 1:
+        return None
+    return NamedSharding(sharding.mesh, PartitionSpec(*entries))
