@@ -1,7 +1,8 @@
 """The layout of a ``fourierft_jax`` Orbax adapter checkpoint, readable without jax (for ``fourierft inspect``).
 
 A checkpoint is a folder holding ``fourierft_adapter.json`` (format tag, config, every adapted layer's path and
-shape, every tensor's group, name, shape and dtype) and ``state/`` (the tensors, written by Orbax under the ids
+shape -- plus, for a stacked kernel, ``stack_axis``, ``stack_size``, ``stack_ids`` and ``stack_depth`` --, every
+tensor's group, name, shape and dtype) and ``state/`` (the tensors, written by Orbax under the ids
 the JSON lists). The JSON alone answers every question but the values, so the format can be recognised and
 summarised without Orbax.
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Union
+from typing import Any, Mapping, Union
 
 from .checkpoint import CheckpointError
 from .config import FourierFTConfig
+from .targets import stack_row_path
 
 PathLike = Union[str, "os.PathLike[str]"]
 METADATA_NAME = "fourierft_adapter.json"
@@ -61,6 +63,9 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
         for layer in data["layers"]:
             for field in ("path", "in_features", "out_features", "n_frequency"):
                 layer[field]  # noqa: B018 -- presence check
+            if layer.get("stack_axis") is not None:  # a stacked kernel (absent in files before stacks)
+                for field in ("stack_size", "stack_ids", "stack_depth"):
+                    layer[field]  # noqa: B018
         for tensor in data["tensors"]:
             for field in ("id", "group", "module", "rel", "shape", "dtype"):
                 tensor[field]  # noqa: B018
@@ -69,6 +74,20 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
     if not os.path.isdir(os.path.join(folder, STATE_DIR)):
         raise CheckpointError(f"{folder}: the tensors folder {STATE_DIR}/ is missing (incomplete checkpoint)")
     return data
+
+
+def layer_names(layer: Mapping[str, Any]) -> list[str]:
+    """The torch-style names of the layers one ``layers`` entry of the metadata covers: its dotted path, or for a
+    stacked kernel one ``<stack>.<i>.<rest>`` per adapted row (each with ``n_frequency`` coefficients).
+
+    Example:
+        >>> layer_names({"path": ["encoder", "layer", "fc"], "stack_axis": 0, "stack_ids": [0, 2], "stack_depth": 2})
+        ['encoder.layer.0.fc', 'encoder.layer.2.fc']
+    """
+    path = [str(key) for key in layer["path"]]
+    if layer.get("stack_axis") is None:
+        return [".".join(path)]
+    return [".".join(stack_row_path(path, int(layer["stack_depth"]), int(i))) for i in layer["stack_ids"]]
 
 
 def folder_bytes(path: PathLike) -> int:

@@ -13,7 +13,7 @@ import os
 from typing import Any, Optional, Union
 
 from .checkpoint import Adapter, BaseCheckpoint, open_adapters, open_base, resolve
-from .orbax_format import folder_bytes, is_orbax_adapter, read_metadata
+from .orbax_format import folder_bytes, is_orbax_adapter, layer_names, read_metadata
 
 PathLike = Union[str, "os.PathLike[str]"]
 PEFT_FORMAT = "peft"  # a PEFT adapter folder
@@ -107,10 +107,12 @@ def _summarize_orbax(path: PathLike) -> AdapterSummary:
     metadata = read_metadata(path)
     config = metadata["config"]
     scaling = float(config.scaling)
+    # A stacked kernel's entry covers one layer per adapted row, each with its own n coefficients.
     layers = [
-        LayerSummary(".".join(str(k) for k in layer["path"]), int(layer["n_frequency"]), scaling,
-                     int(layer["out_features"]), int(layer["in_features"]), False)
+        LayerSummary(name, int(layer["n_frequency"]), scaling, int(layer["out_features"]), int(layer["in_features"]),
+                     False)
         for layer in metadata["layers"]
+        for name in layer_names(layer)
     ]
     others = [t for t in metadata["tensors"] if t["group"] in ("bias", "modules_to_save")]
     other_params = 0

@@ -128,6 +128,18 @@ class TargetLayer:
         return self.out_features * self.in_features
 
 
+def stack_row_path(path: Sequence[str], depth: int, row: int) -> tuple[str, ...]:
+    """The path of row ``row`` of a layer stack, as the unrolled model (and PEFT) names it: the row index after
+    the first ``depth`` entries, which name the stack module.
+
+    Example:
+        >>> ".".join(stack_row_path(("encoder", "layer", "attention", "query"), 2, 3))
+        'encoder.layer.3.attention.query'
+    """
+    path = tuple(str(key) for key in path)
+    return path[:depth] + (str(row),) + path[depth:]
+
+
 def default_target_modules(model_type: Optional[str]) -> Union[list[str], str]:
     """PEFT's default FourierFT ``target_modules`` for a transformers ``model_type``.
 

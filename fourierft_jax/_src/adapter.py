@@ -41,6 +41,26 @@ class AdapterSpec:
     layers: tuple[LayerSpec, ...]
     bias_paths: tuple[Path, ...] = ()
     save_paths: tuple[Path, ...] = ()
+    bias_mode: str = "none"
+
+    def trained_bias_rows(self, path: Path) -> Optional[LayerSpec]:
+        """The stacked layer whose adapted rows alone train the bias at ``path``, or None (the whole array trains).
+
+        PEFT's ``bias="fourier_only"`` trains the biases of adapted layers only; on a stack adapted in some rows
+        (``layers_to_transform``) that is those rows of the stacked ``(L, out)`` bias.
+
+        Example:
+            >>> layer = LayerSpec(("s", "fc"), 8, 4, 3, 1.0, 0, stack_axis=0, stack_size=3, stack_ids=(1,),
+            ...                   stack_depth=1)
+            >>> AdapterSpec((layer,), ((("s", "fc")),), bias_mode="fourier_only").trained_bias_rows(("s", "fc")).name
+            's.fc'
+        """
+        if self.bias_mode != "fourier_only":
+            return None
+        for layer in self.layers:
+            if layer.path == tuple(path) and layer.stacked and len(layer.stack_ids) < layer.stack_size:
+                return layer
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +127,8 @@ def build_spec(
         raise TypeError(f"fourierft_jax: expected a FourierFTConfig, got {type(config).__name__}")
     saved = _saved_paths(params, config.modules_to_save)
     layers = select_layers(params, config, model_type=model_type, output_layer=output_layer, stacked=stacked)
-    return AdapterSpec(layers, _bias_paths(params, config.bias, layers, saved), saved)
+    bias_paths = _bias_paths(params, config.bias, layers, saved)
+    return AdapterSpec(layers, bias_paths, saved, config.bias)
 
 
 def init_state(

@@ -25,7 +25,7 @@ from bridge._src.checkpoint import CheckpointError
 from bridge._src.orbax_format import FORMAT_TAG, FORMAT_VERSION, METADATA_NAME, STATE_DIR, read_metadata
 
 from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
-from .saved import SavedAdapter, SavedSource, as_saved, flat_leaves, layer_spec
+from .saved import STACK_FIELDS, SavedAdapter, SavedSource, as_saved, flat_leaves, layer_spec, stack_fields
 from .tree import dotted
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -82,7 +82,7 @@ def save_adapter(
         "config": saved.config.to_dict(),
         "layers": [
             {"path": list(layer.path), "name": layer.name, "in_features": layer.in_features,
-             "out_features": layer.out_features, "n_frequency": layer.n_frequency}
+             "out_features": layer.out_features, "n_frequency": layer.n_frequency, **stack_fields(layer)}
             for layer in saved.spec.layers
         ],
         "bias_paths": [list(path) for path in saved.spec.bias_paths],
@@ -112,11 +112,13 @@ def save_adapter(
 
 
 
-def load_adapter(directory: PathLike) -> SavedAdapter:
+def load_adapter(directory: PathLike, *, sharding: Optional[jax.sharding.Sharding] = None) -> SavedAdapter:
     """Read an adapter checkpoint (no base model needed); ``attach`` it to a params tree or an NNX model.
 
-    A missing, truncated or inconsistent checkpoint raises ``bridge._src.checkpoint.CheckpointError`` naming
-    the folder and what is wrong.
+    Every tensor is restored with ``sharding`` (e.g. ``NamedSharding(mesh, P())`` to replicate the adapter over
+    a mesh), whatever mesh it was saved from; by default onto the default device. A missing, truncated or
+    inconsistent checkpoint raises ``bridge._src.checkpoint.CheckpointError`` naming the folder and what is
+    wrong.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -130,8 +132,11 @@ def load_adapter(directory: PathLike) -> SavedAdapter:
     metadata = read_metadata(folder)
     config = metadata["config"]
     tensors = metadata["tensors"]
+    # Without a target sharding Orbax would reuse the saving mesh, which need not exist in this process.
+    sharding = sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
-        abstract = {t["id"]: jax.ShapeDtypeStruct(tuple(t["shape"]), jnp.dtype(t["dtype"])) for t in tensors}
+        abstract = {t["id"]: jax.ShapeDtypeStruct(tuple(t["shape"]), jnp.dtype(t["dtype"]), sharding=sharding)
+                    for t in tensors}
     except TypeError as error:
         raise CheckpointError(f"{folder}: bad tensor dtype in {METADATA_NAME}: {error}") from None
     if abstract:
@@ -163,17 +168,25 @@ def load_adapter(directory: PathLike) -> SavedAdapter:
         for key in rel[:-1]:
             node = node.setdefault(key, {})
         node[rel[-1]] = value
-    layers = tuple(
-        layer_spec(tuple(layer["path"]), layer["in_features"], layer["out_features"], layer["n_frequency"], config)
-        for layer in metadata["layers"]
-    )
+    try:
+        layers = tuple(
+            layer_spec(tuple(layer["path"]), layer["in_features"], layer["out_features"], layer["n_frequency"],
+                       config, **{field: layer[field] for field in STACK_FIELDS if field in layer})
+            for layer in metadata["layers"]
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{folder}: bad layer entry in {METADATA_NAME}: {error}") from None
     spec = AdapterSpec(layers, tuple(tuple(p) for p in metadata.get("bias_paths", [])),
-                       tuple(tuple(p) for p in metadata.get("save_paths", [])))
+                       tuple(tuple(p) for p in metadata.get("save_paths", [])), config.bias)
     missing = [layer.name for layer in layers if layer.name not in groups[SPECTRA]]
     missing += [dotted(p) for p in spec.bias_paths if dotted(p) not in groups[BIAS]]
     missing += [dotted(p) for p in spec.save_paths if dotted(p) not in groups[MODULES_TO_SAVE]]
     if missing:
         raise CheckpointError(f"{folder}: {METADATA_NAME} lists {missing} without their tensors (corrupt checkpoint)")
+    wrong = [f"{layer.name!r} {tuple(groups[SPECTRA][layer.name].shape)} (expected {layer.spectrum_shape})"
+             for layer in layers if tuple(groups[SPECTRA][layer.name].shape) != layer.spectrum_shape]
+    if wrong:
+        raise CheckpointError(f"{folder}: spectra of the wrong shape for their layers: {', '.join(wrong)}")
     state = {SPECTRA: groups[SPECTRA], BIAS: groups[BIAS], MODULES_TO_SAVE: groups[MODULES_TO_SAVE]}
     return SavedAdapter(config, spec, state, groups["originals"])
 
@@ -238,14 +251,19 @@ class TrainingCheckpoints:
                                   metrics=metrics, force=force)
 
     def restore(self, like: Any, step: Optional[int] = None) -> Any:
-        """The state saved at ``step`` (default: the latest), with the structure and dtypes of ``like``."""
+        """The state saved at ``step`` (default: the latest), with the structure, dtypes and shardings of ``like``.
+
+        ``like`` holds arrays or ``jax.ShapeDtypeStruct``s; each is restored with its ``sharding`` (so a state
+        saved on one mesh restores onto another: pass ``like`` laid out on the new mesh), a leaf without one
+        onto the default device.
+        """
         if step is None:
             step = self.latest_step()
         if step is None:
             raise CheckpointError(f"{self.directory} holds no training checkpoint")
         if step not in self.all_steps():
             raise CheckpointError(f"{self.directory} has no checkpoint of step {step}; it has {self.all_steps()}")
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = jax.tree.map(_abstract_leaf, like)
         restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return restored["state"]
 
@@ -275,6 +293,15 @@ class TrainingCheckpoints:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _abstract_leaf(leaf: Any) -> Any:
+    abstract = ocp.utils.to_shape_dtype_struct(leaf)
+    if isinstance(abstract, jax.ShapeDtypeStruct) and abstract.sharding is None:
+        # Orbax would otherwise restore onto the saving topology, which may not be this one.
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=device)
+    return abstract
 
 
 def spectra_of(saved: SavedAdapter) -> dict[str, np.ndarray]:

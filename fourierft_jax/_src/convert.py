@@ -22,7 +22,9 @@ from bridge._src.peft_format import SPECTRUM as KIND_SPECTRUM
 
 from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
 from .saved import SavedAdapter, SavedSource, as_saved, attach, flat_leaves, layer_spec, node_paths
+from .targets import Stacks
 from .tree import Path, dotted
+from .unroll import as_stacked, stack_table, unroll
 
 PathLike = Union[str, "os.PathLike[str]"]
 Conv1DRule = Union[Collection[str], Callable[[str], bool], None]
@@ -44,9 +46,13 @@ def _numpy(value: Any) -> np.ndarray:
 
 
 def peft_tensors(
-    saved: SavedAdapter, name_map: Optional[NameMap] = None, conv1d: Conv1DRule = None
+    saved: SavedAdapter, name_map: Optional[NameMap] = None, conv1d: Conv1DRule = None, stacked: Stacks = None
 ) -> tuple[bridge.FourierFTConfig, dict[str, np.ndarray]]:
     """The config and ``{PEFT key: numpy array}`` PEFT 0.21 would save for this adapter.
+
+    Stacked layers are written as the unrolled model holds them (``unroll``): one spectrum per adapted row,
+    named by ``LayerSpec.torch_names``, and stacked biases / ``modules_to_save`` one per row. ``stacked`` names
+    stacks that hold trained biases or modules but no adapted layer (the layers name their own stacks).
 
     Example:
         >>> import numpy as np
@@ -56,6 +62,7 @@ def peft_tensors(
         ['base_model.model.q.fourierft_spectrum']
     """
     name_map = name_map or NameMap()
+    saved = unroll(saved, stacked)
     spec = saved.spec
     owners: dict[str, Path] = {}  # JAX names of every module a tensor belongs to
     for layer in spec.layers:
@@ -145,6 +152,7 @@ def export_peft(
     name_map: Optional[NameMap] = None,
     conv1d: Conv1DRule = None,
     overwrite: bool = False,
+    stacked: Stacks = None,
 ) -> str:
     """Write a JAX adapter as a PEFT adapter directory; ``peft.PeftModel.from_pretrained`` and
     ``fourierft_torch`` load it onto the torch twin of the model. Returns the directory.
@@ -163,6 +171,9 @@ def export_peft(
         conv1d: torch module names (or last name segments, or a predicate) stored ``(in, out)`` like
             transformers' ``Conv1D``: their ``modules_to_save`` kernels are not transposed.
         overwrite: replace an existing adapter in ``directory``.
+        stacked: only for stacks (``nn.scan`` trees) holding trained biases or ``modules_to_save`` but no adapted
+            layer; a stacked layer's rows are always written as ``<stack>.<i>.<rest>``, as PEFT names the
+            unrolled model.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -173,7 +184,7 @@ def export_peft(
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     saved = as_saved(source, adapter_name=adapter_name, params=params, config=config)
-    peft_config, tensors = peft_tensors(saved, name_map, conv1d)
+    peft_config, tensors = peft_tensors(saved, name_map, conv1d, stacked)
     target = os.fspath(directory)
     if os.path.exists(os.path.join(target, bridge.CONFIG_NAME)) and not overwrite:
         raise FileExistsError(f"{target} already holds an adapter: pass overwrite=True to replace it")
@@ -199,6 +210,7 @@ def read_peft(
     name_map: Optional[NameMap] = None,
     adapter_name: Optional[str] = None,
     conv1d: Conv1DRule = None,
+    stacked: Stacks = None,
 ) -> SavedAdapter:
     """Read a PEFT FourierFT adapter directory as a ``SavedAdapter`` in JAX names and layouts.
 
@@ -206,6 +218,11 @@ def read_peft(
     names and ``modules_to_save`` leaf names) or from ``shapes`` (``{torch layer name: (out, in)}``). Without
     ``params``, a ``modules_to_save`` 2-D ``weight`` is taken as a Dense kernel and a 1-D one as a LayerNorm
     ``scale``.
+
+    ``stacked`` (as in ``fourierft_jax.apply``; needs ``params``) names the layer stacks of ``params``: the
+    file's ``<stack>.<i>.<rest>`` layers are gathered into one ``(rows, n)`` spectrum per stacked kernel in row
+    order (the rows present are its ``stack_ids``), biases and ``modules_to_save`` into stacked arrays; bias rows
+    the file lacks (``bias="fourier_only"`` with some rows adapted) are the base model's.
 
     Example:
         >>> import numpy as np, tempfile
@@ -216,6 +233,11 @@ def read_peft(
         >>> read_peft(folder, {"q": {"kernel": np.zeros((8, 4), np.float32)}}).spec.layers[0].kernel_shape
         (8, 4)
     """
+    if stacked is not None:
+        if not isinstance(params, Mapping):
+            raise CheckpointError("read_peft: stacked= needs params (the stacked linen parameter tree)")
+        return as_stacked(lambda view: read_peft(directory, view, name_map=name_map, adapter_name=adapter_name,
+                                                 conv1d=conv1d), params, stacked)
     name_map = name_map or NameMap()
     opened = select_adapter(directory, adapter_name)
     config, file = opened.config, opened.file
@@ -308,7 +330,8 @@ def read_peft(
             for part in owner[len(top):]:
                 node = node.setdefault(part, {})
             node[member.rsplit(".", 1)[-1]] = _read_tensor(file, key)
-    spec = AdapterSpec(tuple(layers), tuple(path_of(m) for m in bias_modules), tuple(path_of(m) for m in saved_torch))
+    spec = AdapterSpec(tuple(layers), tuple(path_of(m) for m in bias_modules), tuple(path_of(m) for m in saved_torch),
+                       config.bias)
     if not name_map.is_identity:
         config = map_config_names(config, flax_names, {l.name: l.n_frequency for l in opened.layers}, saved_torch)
     file.close()
@@ -344,9 +367,13 @@ def import_peft(
     name_map: Optional[NameMap] = None,
     adapter_name: Optional[str] = None,
     conv1d: Conv1DRule = None,
+    stacked: Stacks = None,
 ) -> Any:
     """Load a PEFT adapter directory onto a JAX model: a linen params tree gives a ``FourierFTAdapter``, an NNX
     model is adapted in place and returned. Strict: every key, name and shape is checked first.
+
+    ``stacked`` names the layer stacks of the model (as in ``fourierft_jax.apply``): a file written
+    for the unrolled model (``encoder.layer.<i>.<rest>``) is loaded as stacked spectra (see ``read_peft``).
 
     Example:
         >>> import numpy as np, tempfile
@@ -363,7 +390,8 @@ def import_peft(
         from .saved_nnx import nnx_params_view
 
         view = nnx_params_view(target)
-    saved = read_peft(directory, view, name_map=name_map, adapter_name=adapter_name, conv1d=conv1d)
+    saved = read_peft(directory, view, name_map=name_map, adapter_name=adapter_name, conv1d=conv1d,
+                      stacked=stacked)
     return attach(saved, target, adapter_name=adapter_name or "default")
 
 
@@ -386,23 +414,34 @@ def with_base_originals(
     if saved.config.bias != "all" or saved.originals or not saved.spec.save_paths:
         return saved
     name_map = name_map or NameMap()
+    stacks = stack_table(saved)
+
+    def base_bias(path: Path, owner: Path) -> np.ndarray:
+        torch_name = name_map.to_torch_names([dotted(owner)])[dotted(owner)] + ".bias"
+        array = lookup(torch_name)
+        if array is None:
+            raise bridge.AdapterFormatError(
+                f"the base model has no {torch_name!r}, the original bias PEFT stores for module_to_save "
+                f"{dotted(path)!r} (bias='all')"
+            )
+        return np.asarray(array)
+
     originals: dict[str, Any] = {}
     for path in saved.spec.save_paths:
         for rel, value in flat_leaves(saved.state[MODULES_TO_SAVE][dotted(path)]):
             if rel[-1] != "bias":
                 continue
-            owner = dotted(path + rel[:-1])
-            torch_name = name_map.to_torch_names([owner])[owner] + ".bias"
-            array = lookup(torch_name)
-            if array is None:
-                raise bridge.AdapterFormatError(
-                    f"the base model has no {torch_name!r}, the original bias PEFT stores for module_to_save "
-                    f"{dotted(path)!r} (bias='all')"
-                )
+            owner = path + rel[:-1]
+            head = next((h for h in stacks if owner[: len(h)] == h), None)
+            if head is None:
+                array = base_bias(path, owner)
+            else:  # a module under a layer stack: the unrolled model holds one bias per layer
+                axis, size = stacks[head]
+                array = np.stack([base_bias(path, head + (str(i),) + owner[len(head):]) for i in range(size)], axis)
             if tuple(np.shape(array)) != tuple(np.shape(value)):
                 raise bridge.AdapterFormatError(
-                    f"base tensor {torch_name!r} has shape {tuple(np.shape(array))} but the adapter's copy has "
-                    f"{tuple(np.shape(value))}"
+                    f"the base bias of module_to_save {dotted(owner)!r} has shape {tuple(np.shape(array))} but "
+                    f"the adapter's copy has {tuple(np.shape(value))}"
                 )
             node = originals.setdefault(dotted(path), {})
             for key in rel[:-1]:

@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 import bridge
+from bridge._src.targets import stack_row_path
 
 from .tree import Path, dotted
 
@@ -81,8 +82,7 @@ class LayerSpec:
         """
         if not self.stacked:
             return (self.name,)
-        head, tail = self.path[: self.stack_depth], self.path[self.stack_depth :]
-        return tuple(dotted(head + (str(i),) + tail) for i in self.stack_ids)
+        return tuple(dotted(stack_row_path(self.path, self.stack_depth, i)) for i in self.stack_ids)
 
     @property
     def unstacked(self) -> "LayerSpec":

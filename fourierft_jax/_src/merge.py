@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .adapter import BIAS, MODULES_TO_SAVE, AdapterSet, adapter_state, layer_spectrum
 from .delta import delta_kernel
@@ -34,6 +35,14 @@ def _full_updates(inner: Mapping[str, Any], trainable: Mapping[str, Any], static
                     f"fourierft_jax: bias of {dotted(path)!r} has shape {tuple(old.shape)} in the parameter tree "
                     f"but {tuple(new.shape)} in adapter {name!r}"
                 )
+            rows_of = spec.trained_bias_rows(path)
+            if rows_of is not None:
+                # Rows of a partly adapted stack keep the base bias (and so get no gradient), as in PEFT.
+                mask = np.zeros(rows_of.stack_size, bool)
+                mask[list(rows_of.stack_ids)] = True
+                shape = [1] * len(old.shape)
+                shape[rows_of.stack_axis] = rows_of.stack_size
+                new = jnp.where(mask.reshape(shape), new, jnp.asarray(old, new.dtype))
             updates[path + ("bias",)] = new
     return updates
 

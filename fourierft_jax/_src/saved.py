@@ -144,9 +144,13 @@ def check_params(saved: SavedAdapter, params: Mapping[str, Any]) -> None:
         if not isinstance(found, _Found):
             problems.append(f"layer {layer.name!r}: no Dense kernel at {dotted(layer.path + ('kernel',))!r} "
                             f"(missing {found!r})")
-        elif _shape(found.value) != layer.kernel_shape:
+        elif _shape(found.value) != layer.param_shape:
             problems.append(f"layer {layer.name!r}: kernel has shape {_shape(found.value)} in the parameters but "
-                            f"the adapter was saved for {layer.kernel_shape}")
+                            f"the adapter was saved for {layer.param_shape}")
+        spectrum = saved.state.get(SPECTRA, {}).get(layer.name)
+        if spectrum is not None and _shape(spectrum) != layer.spectrum_shape:
+            problems.append(f"layer {layer.name!r}: spectrum has shape {_shape(spectrum)} in the adapter but the "
+                            f"layer needs {layer.spectrum_shape}")
     for path in saved.spec.bias_paths:
         found = lookup(path + ("bias",))
         want = _shape(saved.state[BIAS][dotted(path)])
@@ -267,15 +271,40 @@ def as_saved(
 
 
 def layer_spec(path: Path, in_features: int, out_features: int, n_frequency: int,
-               config: bridge.FourierFTConfig) -> LayerSpec:
-    """A ``LayerSpec`` with the config's scaling and seed.
+               config: bridge.FourierFTConfig, **stack: Any) -> LayerSpec:
+    """A ``LayerSpec`` with the config's scaling and seed; ``stack`` holds its stack fields (``stack_axis``,
+    ``stack_size``, ``stack_ids``, ``stack_depth``) for a stacked kernel.
 
     Example:
         >>> layer_spec(("q",), 8, 4, 3, bridge.FourierFTConfig()).seed
         777
+        >>> layer_spec(("l", "q"), 8, 4, 3, bridge.FourierFTConfig(), stack_axis=0, stack_size=2, stack_ids=[1],
+        ...            stack_depth=1).torch_names
+        ('l.1.q',)
     """
+    if stack.get("stack_axis") is not None:
+        stack = dict(stack_axis=int(stack["stack_axis"]), stack_size=int(stack["stack_size"]),
+                     stack_ids=tuple(int(i) for i in stack["stack_ids"]), stack_depth=int(stack["stack_depth"]))
+    else:
+        stack = {}
     return LayerSpec(tuple(path), int(in_features), int(out_features), int(n_frequency), float(config.scaling),
-                     int(config.random_loc_seed))
+                     int(config.random_loc_seed), **stack)
+
+
+STACK_FIELDS = ("stack_axis", "stack_size", "stack_ids", "stack_depth")
+
+
+def stack_fields(layer: LayerSpec) -> dict[str, Any]:
+    """The stack fields of a layer as JSON-ready values (empty for an unstacked layer).
+
+    Example:
+        >>> stack_fields(layer_spec(("q",), 8, 4, 3, bridge.FourierFTConfig()))
+        {}
+    """
+    if not layer.stacked:
+        return {}
+    return {"stack_axis": layer.stack_axis, "stack_size": layer.stack_size, "stack_ids": list(layer.stack_ids),
+            "stack_depth": layer.stack_depth}
 
 
 def node_paths(params: Mapping[str, Any]) -> dict[str, Path]:

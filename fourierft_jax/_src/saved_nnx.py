@@ -92,7 +92,7 @@ def from_nnx(model: nnx.Module, config: bridge.FourierFTConfig) -> SavedAdapter:
         BIAS: biases,
         MODULES_TO_SAVE: {dotted(path): _pure(_get(model, path)) for path in saved},
     }
-    return SavedAdapter(config, AdapterSpec(layers, tuple(bias_paths), tuple(saved)), state)
+    return SavedAdapter(config, AdapterSpec(layers, tuple(bias_paths), tuple(saved), config.bias), state)
 
 
 def _check(saved: SavedAdapter, model: nnx.Module) -> None:

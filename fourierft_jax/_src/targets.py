@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import bridge
+from bridge._src.targets import stack_row_path
 
 from .layer import LayerSpec
 from .tree import Path, dotted, get_path, iter_nodes
@@ -133,7 +134,7 @@ def module_infos(
             for row in range(size):
                 for sub_path, sub_node in iter_nodes(node, path):
                     kind, shape = _kind(sub_node, axis)
-                    name = dotted(head + (str(row),) + sub_path[len(head) :])
+                    name = dotted(stack_row_path(sub_path, len(head), row))
                     infos.append((sub_path, row, bridge.ModuleInfo(name, kind, shape)))
     return infos
 

@@ -204,3 +204,21 @@ def test_stack_called_without_its_scan_is_refused_by_the_intercepting_paths(mode
     relocated = fourierft_jax.apply(wrapped, config, key=jax.random.key(0), stacked={"layer": axis})
     with pytest.raises(ValueError, match="not under the nn.scan"):
         relocated.make_apply(Looped().apply)(relocated.trainable, wrapped, jnp.ones((2, D)))
+
+
+def test_fourier_only_bias_trains_the_adapted_rows_of_a_stack_only(models):
+    axis, scanned, params, _, x = models
+    config = fourierft_jax.FourierFTConfig(n_frequency=10, target_modules=["fc1"], layers_to_transform=[1],
+                                           bias="fourier_only")
+    adapter = fourierft_jax.apply(params, config, key=jax.random.key(0), stacked={"encoder.layer": axis})
+    forward = adapter.make_apply(scanned.apply)
+    grads = jax.grad(lambda t: jnp.sum(forward(t, params, x) ** 2))(adapter.trainable)
+    bias_grad = np.moveaxis(np.asarray(grads["default"]["bias"]["encoder.layer.fc1"]), axis, 0)
+    assert np.abs(bias_grad[1]).max() > 0 and not bias_grad[[0, 2]].any()
+    # Changing the state of an unadapted row changes nothing: the model keeps the base bias there.
+    state = adapter.trainable["default"]
+    shifted = dict(state, bias={"encoder.layer.fc1": state["bias"]["encoder.layer.fc1"] + 1.0})
+    base_row = np.take(np.asarray(params["params"]["encoder"]["layer"]["fc1"]["bias"]), 0, axis=axis)
+    merged = adapter.make_apply(lambda v: v, mode="merge")({"default": shifted}, params)
+    np.testing.assert_array_equal(np.take(np.asarray(merged["params"]["encoder"]["layer"]["fc1"]["bias"]), 0, axis=axis),
+                                  base_row)
