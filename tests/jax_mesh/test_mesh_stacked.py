@@ -26,10 +26,10 @@ def kernel_shaped(hlo_text):
     """Collectives moving an array with both a D-sized and an H-sized axis (a kernel, its gradient or spectrum)."""
     found = []
     for shapes, kind in _COLLECTIVE.findall(hlo_text):
-        for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", shapes):
+        for dtype, dims in re.findall(r"([a-z]+\d*)\[([\d,]*)\]", shapes):
             sizes = {int(d) for d in dims.split(",") if d}
             if sizes & D_DIMS and sizes & H_DIMS:
-                found.append((kind, dims))
+                found.append((kind, dtype, dims))
     return sorted(found)
 
 
@@ -99,9 +99,9 @@ def test_stacked_sharded_step_equals_single_device(mesh_name, spec, mode):
         expected = np.asarray(want["default"]["spectra"][name])
         np.testing.assert_allclose(grad, expected, rtol=0, atol=1e-5 * np.abs(expected).max(), err_msg=name)
     if mode == "auto":
-        # Scanned layers too: the FourierFT step moves no kernel-shaped array the frozen model does not move.
-        frozen = jax.jit(lambda p, x: jax.grad(lambda x: jnp.mean(model.apply(p, x) ** 2))(x),
-                         in_shardings=(shardings, batch_sharding(mesh, spec)))
-        floor = kernel_shaped(frozen.lower(args[1], x).compile().as_text())
+        # Scanned layers too: no kernel-sized spectrum (complex) or gradient (reduction) ever moves; under TP no
+        # kernel-shaped array moves at all (FSDP gathers its kernels for the matmul, FourierFT's W + ΔW included).
         ours = kernel_shaped(step.lower(*args).compile().as_text())
-        assert all(ours.count(c) <= floor.count(c) for c in ours), (ours, floor)
+        assert not [c for c in ours if c[1].startswith("c") or c[0] in ("all-reduce", "reduce-scatter")], ours
+        if spec == "tp":
+            assert not ours, ours
