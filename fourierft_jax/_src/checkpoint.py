@@ -61,6 +61,9 @@ def save_adapter(
     ``FourierFTAdapter``, a ``SavedAdapter`` or an NNX model adapted with ``config``. An existing ``directory``
     is refused unless ``overwrite``; it is replaced only once the new checkpoint is complete.
 
+    With several JAX processes (``jax.distributed``), every process calls it with the same ``directory`` on a
+    shared filesystem, as Orbax requires for global arrays; process 0 writes the metadata and renames the folder.
+
     Example:
         >>> import numpy as np, tempfile, os
         >>> from fourierft_jax._src.saved import apply_for_doc
@@ -91,23 +94,47 @@ def save_adapter(
     }
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    temporary = _temporary_sibling(parent, os.path.basename(target))
+    lead = jax.process_index() == 0
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(temporary, STATE_DIR), {entry["id"]: array for entry, array in entries}
                           or {"empty": jnp.zeros(())})
         checkpointer.wait_until_finished()
         checkpointer.close()
-        # The metadata goes last: a folder without it is never taken for a checkpoint.
-        with open(os.path.join(temporary, METADATA_NAME), "w", encoding="utf-8") as stream:
-            json.dump(metadata, stream, indent=2, sort_keys=True)
-            stream.flush()
-            os.fsync(stream.fileno())
-        replace_directory(temporary, target)
+        if lead:
+            # The metadata goes last: a folder without it is never taken for a checkpoint.
+            with open(os.path.join(temporary, METADATA_NAME), "w", encoding="utf-8") as stream:
+                json.dump(metadata, stream, indent=2, sort_keys=True)
+                stream.flush()
+                os.fsync(stream.fileno())
+            replace_directory(temporary, target)
+        _sync("fourierft_jax.save_adapter: renamed")
     finally:
-        if os.path.exists(temporary):
+        if lead and os.path.exists(temporary):
             shutil.rmtree(temporary, ignore_errors=True)
     return target
+
+
+def _temporary_sibling(parent: str, name: str) -> str:
+    """A fresh temporary folder next to the target; with several processes, the same one for all of them."""
+    if jax.process_count() == 1:
+        return tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    from jax.experimental import multihost_utils
+
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(int.from_bytes(os.urandom(3), "little"))))
+    path = os.path.join(parent, f".{name}.tmp-{token:06x}")
+    if jax.process_index() == 0:
+        os.makedirs(path)
+    _sync("fourierft_jax.save_adapter: temporary folder")
+    return path
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 

@@ -41,3 +41,45 @@ def test_multidevice_example_trains_and_saves(tmp_path):
         spectrum = np.asarray(saved.state["spectra"][name])
         assert spectrum.shape == (200,)
         assert np.abs(spectrum).max() > 0, name  # trained away from the zero init
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_and_save_like_one(tmp_path):
+    """Two JAX processes of 4 CPU devices (jax.distributed on localhost) = one process of 8 devices."""
+    common = [SCRIPT, "--mesh", "2x4", "--spec", "tp", "--steps", "4", "--log-every", "4"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=300,
+                            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    port = _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, *common, "--out", str(tmp_path / "two"), "--coordinator", f"localhost:{port}",
+                          "--num-processes", "2", "--process-id", str(i)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+        for i in range(2)
+    ]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # the shared temporary folder was renamed
+
+    final = lambda text: float(re.search(r"final loss ([\d.e+-]+)", text).group(1))  # noqa: E731
+    np.testing.assert_allclose(final(outputs[0][0]), final(single.stdout), rtol=1e-4)
+    one, two = fourierft_jax.load_adapter(tmp_path / "one"), fourierft_jax.load_adapter(tmp_path / "two")
+    assert one.spec == two.spec
+    for name, spectrum in one.state["spectra"].items():
+        # Adam turns gradients near 0 into ±lr steps, so a coefficient or two may differ by summation order.
+        diff = np.abs(np.asarray(two.state["spectra"][name]) - np.asarray(spectrum))
+        assert np.mean(diff <= 1e-5 * np.abs(spectrum).max() + 1e-6) >= 0.95, (name, diff.max())
