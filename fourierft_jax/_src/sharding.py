@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from .delta import delta_kernel_f32
 from .layer import LayerSpec
+from .tree import get_path, split_collection
 
 DimAxes = tuple[str, ...]
 
@@ -302,14 +303,8 @@ def kernel_sharding(shardings: object, path: tuple[str, ...]) -> Optional[Shardi
     """
     if shardings is None:
         return None
-    node = shardings
-    if isinstance(node, Mapping) and isinstance(node.get("params"), Mapping):
-        node = node["params"]
-    for key in path + ("kernel",):
-        if not isinstance(node, Mapping) or key not in node:
-            raise KeyError(f"fourierft_jax: shardings has no entry for {'.'.join(path + ('kernel',))!r}")
-        node = node[key]
-    return node
+    inner, _ = split_collection(shardings)
+    return get_path(inner, tuple(path) + ("kernel",), "sharding (in `shardings`) for the Dense kernel")
 
 
 def call_sharding(shardings: object, layer: LayerSpec) -> Optional[Sharding]:
