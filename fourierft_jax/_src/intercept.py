@@ -40,7 +40,7 @@ from .layer import LayerSpec
 from .merge import DEFAULT_DELTA_METHOD, merge_params, substitute
 from .sharding import call_sharding
 from .spectral import spectral_delta
-from .tree import Path, dotted, replace_paths, split_collection
+from .tree import Path, replace_paths, split_collection
 
 MODES = ("auto", "fused", "spectral", "merge")
 DEFAULT_MODE = "auto"
