@@ -8,7 +8,7 @@ for linen ``nn.scan`` trees.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import bridge
 
 from .layer import LayerSpec
 from .nnx_layer import FourierFTLinear, FourierFTTrainable
-from .targets import Stacks, module_infos, select_layers
+from .targets import Stacks, module_infos, select_layers, stack_requests
 from .tree import Path, dotted
 
 NnxPath = tuple[Any, ...]
@@ -113,10 +113,10 @@ def select_nnx_layers(
         >>> layer.name, layer.spectrum_shape, layer.torch_names
         ('layers.fc', (3, 5), ('layers.0.fc', 'layers.1.fc', 'layers.2.fc'))
     """
-    for head, axis in (stacked.items() if isinstance(stacked, Mapping) else ()):
+    for head, axis in stack_requests(stacked).items():
         if axis != 0:
             raise ValueError(
-                f"fourierft_jax.nnx: stacked module {head!r}: NNX stacks must carry the layer axis first "
+                f"fourierft_jax.nnx: stacked module {dotted(head)!r}: NNX stacks must carry the layer axis first "
                 f"(nnx.vmap(..., out_axes=0), scanned with axis 0), got axis {axis}"
             )
     modules = _modules(model)

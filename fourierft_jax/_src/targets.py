@@ -38,6 +38,23 @@ def _kind(node: Mapping[str, Any], stack_axis: Optional[int] = None) -> tuple[st
     return "module", None
 
 
+def stack_requests(stacked: Stacks) -> dict[Path, int]:
+    """The ``stacked`` argument as ``{stack path: layer axis}``: a dotted path or a list of them (axis 0), or a
+    ``{path: axis}`` mapping.
+
+    Example:
+        >>> stack_requests(["encoder.layer"]), stack_requests({"layers": 1})
+        ({('encoder', 'layer'): 0}, {('layers',): 1})
+    """
+    if stacked is None:
+        return {}
+    if isinstance(stacked, str):
+        stacked = {stacked: 0}
+    elif not isinstance(stacked, Mapping):
+        stacked = {name: 0 for name in stacked}
+    return {(tuple(name.split(".")) if name else ()): int(axis) for name, axis in stacked.items()}
+
+
 def stack_axes(params: Mapping[str, Any], stacked: Stacks) -> dict[Path, tuple[int, int]]:
     """``{stack path: (layer axis, number of layers)}`` for the ``stacked`` argument, checked against ``params``.
 
@@ -50,15 +67,9 @@ def stack_axes(params: Mapping[str, Any], stacked: Stacks) -> dict[Path, tuple[i
         >>> stack_axes(tree, "layers")
         {('layers',): (0, 3)}
     """
-    if stacked is None:
-        return {}
-    if isinstance(stacked, str):
-        stacked = {stacked: 0}
-    elif not isinstance(stacked, Mapping):
-        stacked = {name: 0 for name in stacked}
     out: dict[Path, tuple[int, int]] = {}
-    for name, axis in stacked.items():
-        path = tuple(name.split(".")) if name else ()
+    for path, axis in stack_requests(stacked).items():
+        name = dotted(path)
         node = get_path(params, path, "stacked module")
         if not isinstance(node, Mapping):
             raise ValueError(f"fourierft_jax: stacked={name!r} names an array, not a module (a dict of parameters)")
@@ -99,11 +110,14 @@ def _axis_size(leaf: Any, axis: int) -> Optional[int]:
     return int(shape[axis]) if 0 <= axis < len(shape) else None
 
 
-def _stack_of(path: Path, stacks: Mapping[Path, tuple[int, int]]) -> Optional[Path]:
-    for head in stacks:
-        if path[: len(head)] == head:
-            return head
-    return None
+def stack_of(path: Path, stacks: Mapping[Path, Any]) -> Optional[Path]:
+    """The stack (a key of ``stacks``) that ``path`` lies in, or None.
+
+    Example:
+        >>> stack_of(("encoder", "layer", "fc"), {("encoder", "layer"): (0, 3)})
+        ('encoder', 'layer')
+    """
+    return next((head for head in stacks if path[: len(head)] == head), None)
 
 
 def module_infos(
@@ -123,7 +137,7 @@ def module_infos(
     stacks = stack_axes(params, stacked)
     infos: list[tuple[Path, Optional[int], bridge.ModuleInfo]] = []
     for path, node in iter_nodes(params):
-        head = _stack_of(path, stacks)
+        head = stack_of(path, stacks)
         if head is None:
             kind, shape = _kind(node)
             infos.append((path, None, bridge.ModuleInfo(dotted(path), kind, shape)))
@@ -189,7 +203,7 @@ def select_layers(
                 f"fourierft_jax: layers {first.name!r} (n_frequency={first.n_frequency}) and {odd[0]!r} share one "
                 "stacked kernel but n_frequency_pattern gives them different n_frequency; a stack needs one value"
             )
-        head = _stack_of(path, stacks)
+        head = stack_of(path, stacks)
         axis, size = stacks[head]
         ids = tuple(sorted(row for row, _ in rows))
         layers.append(LayerSpec(**common, stack_axis=axis, stack_size=size, stack_ids=ids, stack_depth=len(head)))

@@ -20,14 +20,10 @@ from bridge._src.targets import stack_row_path
 
 from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
 from .saved import SavedAdapter, flat_leaves, layer_spec
-from .targets import Stacks, stack_axes
+from .targets import Stacks, stack_axes, stack_of, stack_requests
 from .tree import Path, dotted, get_path, split_collection
 
 StackTable = dict[Path, tuple[int, int]]  # stack module path -> (layer axis, number of layers)
-
-
-def _head(path: Path, stacks: StackTable) -> Optional[Path]:
-    return next((head for head in stacks if path[: len(head)] == head), None)
 
 
 def _unrolled(path: Path, head: Path, row: int) -> Path:
@@ -58,16 +54,12 @@ def stack_table(saved: SavedAdapter, stacked: Stacks = None) -> StackTable:
             )
     if stacked is None:
         return table
-    if isinstance(stacked, str):
-        stacked = {stacked: 0}
-    elif not isinstance(stacked, Mapping):
-        stacked = {name: 0 for name in stacked}
     arrays = []  # (full path, array) of every trained bias and module tensor
     for group in (BIAS, MODULES_TO_SAVE):
         for name, tree in saved.state.get(group, {}).items():
             arrays.extend((tuple(name.split(".")) + rel, value) for rel, value in flat_leaves(tree))
-    for name, axis in stacked.items():
-        head = tuple(name.split(".")) if name else ()
+    for head, axis in stack_requests(stacked).items():
+        name = dotted(head)
         if head in table:
             continue
         sizes = {int(np.shape(value)[axis]) for path, value in arrays
@@ -105,7 +97,7 @@ def _unroll_modules(trees: Mapping[str, Any], stacks: StackTable) -> dict[str, A
     out: dict[str, Any] = {}
     for name, tree in trees.items():
         path = tuple(name.split("."))
-        head = _head(path, stacks)
+        head = stack_of(path, stacks)
         if head is not None:
             axis, size = stacks[head]
             per_row = [[] for _ in range(size)]
@@ -117,7 +109,7 @@ def _unroll_modules(trees: Mapping[str, Any], stacks: StackTable) -> dict[str, A
             continue
         pairs = []
         for rel, value in flat_leaves(tree):
-            inner = _head(path + rel, stacks)
+            inner = stack_of(path + rel, stacks)
             if inner is None:
                 pairs.append((rel, value))
                 continue
@@ -162,7 +154,7 @@ def unroll(saved: SavedAdapter, stacked: Stacks = None) -> SavedAdapter:
     bias_paths, biases = [], {}
     for path in saved.spec.bias_paths:
         value = saved.state[BIAS][dotted(path)]
-        head = _head(path, stacks)
+        head = stack_of(path, stacks)
         if head is None:
             bias_paths.append(path)
             biases[dotted(path)] = value
@@ -246,10 +238,10 @@ def _restack_modules(trees: Mapping[str, Any], stacks: StackTable, what: str) ->
             else:
                 rows.setdefault(inner[1][len(path) :], {})[inner[2]] = value
         for rel, by_row in rows.items():
-            plain.append((rel, _stack_rows(by_row, stacks[_head(path + rel, stacks)], f"{what} {name!r}")))
+            plain.append((rel, _stack_rows(by_row, stacks[stack_of(path + rel, stacks)], f"{what} {name!r}")))
         out[name] = _nest(plain)
     for name, by_row in grouped.items():
-        head = _head(tuple(name.split(".")), stacks)
+        head = stack_of(tuple(name.split(".")), stacks)
         axis, size = stacks[head]
         missing = sorted(set(range(size)) - set(by_row))
         if missing:
@@ -334,7 +326,7 @@ def restack(saved: SavedAdapter, stacks: StackTable, params: Mapping[str, Any]) 
             bias_rows[found[1]] = {}
         bias_rows[found[1]][found[2]] = np.asarray(value)
     for path, rows in bias_rows.items():
-        axis, size = stacks[_head(path, stacks)]
+        axis, size = stacks[stack_of(path, stacks)]
         dtype = next(iter(rows.values())).dtype
         missing = [row for row in range(size) if row not in rows]
         if missing:
