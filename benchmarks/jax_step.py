@@ -134,10 +134,6 @@ def run_variant(variant: str, targets: str, steps: int, args) -> dict:
             return model.apply(jax.tree_util.tree_unflatten(treedef, leaves), ids)
 
     elif variant in ("merge", "spectral", "fused", "auto"):
-        if args.keep_effective:
-            from fourierft_jax._src import fused as fused_module
-
-            fused_module.KEEP_EFFECTIVE = True
         config = fourierft_jax.FourierFTConfig(n_frequency=args.n_frequency, scaling=150.0,
                                                target_modules=TARGETS[targets])
         adapter = fourierft_jax.apply(params, config, key=jax.random.key(3))
@@ -313,8 +309,6 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--n-frequency", type=int, default=1000)
     parser.add_argument("--variants", default="floor,merge,spectral,fused,auto,lora")
-    parser.add_argument("--keep-effective", action="store_true",
-                        help="fused path: keep W + ΔW between the passes instead of rebuilding it")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
     parser.add_argument("--targets", default="qv,all")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -1,7 +1,9 @@
 """What both frameworks agree on: the config, PEFT's spectral positions, target matching and reference math.
 
 Imports neither jax nor torch. The data path: ``FourierFTConfig`` → ``select_targets`` → ``spectral_indices``
-→ spectrum → ``delta_weight``.
+→ spectrum → ``delta_weight``; ``read_adapter``/``write_adapter`` read and write PEFT's adapter folders with
+numpy. Everything else (file-format details, the command line's helpers) lives in ``bridge._src``; see the
+README's "API" section and ``docs/``.
 
 Example:
     >>> import bridge
@@ -11,86 +13,28 @@ Example:
     (2, 4)
 """
 
-from ._src.config import BIAS_MODES, CONFIG_NAME, PEFT_TYPE, FourierFTConfig
-from ._src.peft_format import (
-    KEY_PREFIX,
-    SAFETENSORS_METADATA,
-    SPECTRUM_NAME,
-    WEIGHTS_NAME,
-    AdapterFormatError,
-    AdapterKey,
-    adapter_directory,
-    adapter_keys,
-    atomic_directory,
-    check_adapter_shapes,
-    config_for_saving,
-    list_adapters,
-    modules_to_save_names,
-    read_adapter,
-    read_shapes,
-    rename_bias_aliases,
-    spectrum_key,
-    weights_path,
-    write_adapter,
-)
+from ._src.config import FourierFTConfig
 from ._src.names import NameMap, NameMapError
-from ._src.positions import randperm_prefix, spectral_indices
-from ._src.reference import adapted_linear, delta_weight, dense_spectrum
-from ._src.targets import (
-    ALL_LINEAR,
-    CONV1D,
-    DEFAULT_TARGET_MODULES,
-    LINEAR,
-    ModuleInfo,
-    NoTargetError,
-    TargetLayer,
-    default_target_modules,
-    is_targeted,
-    layer_index,
-    select_targets,
-)
+from ._src.peft_format import AdapterFormatError, read_adapter, spectrum_key, write_adapter
+from ._src.positions import spectral_indices
+from ._src.reference import delta_weight
+from ._src.targets import CONV1D, LINEAR, ModuleInfo, NoTargetError, TargetLayer, select_targets
 
 __all__ = [
-    "ALL_LINEAR",
-    "KEY_PREFIX",
-    "SAFETENSORS_METADATA",
-    "SPECTRUM_NAME",
-    "WEIGHTS_NAME",
-    "AdapterFormatError",
-    "AdapterKey",
-    "adapter_directory",
-    "adapter_keys",
-    "atomic_directory",
-    "check_adapter_shapes",
-    "config_for_saving",
-    "list_adapters",
-    "modules_to_save_names",
-    "read_adapter",
-    "read_shapes",
-    "rename_bias_aliases",
-    "spectrum_key",
-    "weights_path",
-    "write_adapter",
-    "BIAS_MODES",
-    "CONFIG_NAME",
-    "CONV1D",
-    "DEFAULT_TARGET_MODULES",
-    "LINEAR",
-    "PEFT_TYPE",
     "FourierFTConfig",
     "ModuleInfo",
+    "LINEAR",
+    "CONV1D",
+    "select_targets",
+    "TargetLayer",
+    "NoTargetError",
+    "spectral_indices",
+    "delta_weight",
+    "read_adapter",
+    "write_adapter",
+    "spectrum_key",
+    "AdapterFormatError",
     "NameMap",
     "NameMapError",
-    "NoTargetError",
-    "TargetLayer",
-    "adapted_linear",
-    "default_target_modules",
-    "delta_weight",
-    "dense_spectrum",
-    "is_targeted",
-    "layer_index",
-    "randperm_prefix",
-    "select_targets",
-    "spectral_indices",
 ]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from bridge import FourierFTConfig, NoTargetError
 from ._src.adapter import AdapterSet, AdapterSpec
 from ._src.delta import delta_kernel
 from ._src.fused import fused_dense
-from ._src.intercept import DEFAULT_MODE, choose_path, make_apply, spectral_interceptor
+from ._src.intercept import DEFAULT_MODE, choose_path, make_apply
 from ._src.layer import LayerSpec
 from ._src.merge import merge_params, substitute
 from ._src.model import FourierFTAdapter, apply
@@ -60,6 +60,5 @@ __all__ = [
     "select_layers",
     "sharded_delta",
     "spectral_delta",
-    "spectral_interceptor",
     "substitute",
 ]

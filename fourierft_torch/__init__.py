@@ -1,5 +1,10 @@
 """FourierFT for PyTorch: PEFT's API and file format, with a faster forward/backward.
 
+``get_fourierft_model`` wraps a model's targeted ``nn.Linear``/``Conv1D`` layers in ``FourierFTLinear`` and
+returns a ``FourierFTModel`` (PEFT's methods: ``save_pretrained``, ``from_pretrained``, ``merge_and_unload`` ...).
+The spectral kernels (``fourierft_torch._spectral``) and the auto rule (``fourierft_torch._layer``) are
+importable from their modules; see the README's "API" section.
+
 Example:
     >>> import torch
     >>> import fourierft_torch
@@ -12,25 +17,14 @@ Example:
 
 from bridge import FourierFTConfig
 
-from ._layer import FORWARD_MODES, SPECTRAL_RATIO, FourierFTLinear, choose_mode, layer_kind
+from ._layer import FourierFTLinear
 from ._model import FourierFTModel, get_fourierft_model
 from ._modules_to_save import ModulesToSaveWrapper
-from ._spectral import delta_weight, fused_linear, make_grad_plan, make_plan, spectral_delta, spectrum_grad
 
 __all__ = [
-    "FORWARD_MODES",
-    "SPECTRAL_RATIO",
     "FourierFTConfig",
-    "FourierFTLinear",
-    "FourierFTModel",
-    "ModulesToSaveWrapper",
-    "choose_mode",
-    "delta_weight",
-    "fused_linear",
     "get_fourierft_model",
-    "layer_kind",
-    "make_grad_plan",
-    "make_plan",
-    "spectral_delta",
-    "spectrum_grad",
+    "FourierFTModel",
+    "FourierFTLinear",
+    "ModulesToSaveWrapper",
 ]

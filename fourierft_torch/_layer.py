@@ -30,13 +30,16 @@ import torch
 from torch import nn
 
 import bridge
+from bridge._src.auto_rule import SPECTRAL_MAX_RATIO
+from bridge._src.auto_rule import choose_path as _choose_path
+from bridge._src.targets import fan_in_fan_out_for
 
-from ._spectral import delta_weight, fused_linear, make_grad_plan, make_plan, spectral_delta
+from ._spectral import delta_from_plan, fused_linear, make_grad_plan, make_plan, spectral_delta
 
 FORWARD_MODES = ("auto", "spectral", "fused")
-# Calibrated with benchmarks/torch_auto_rule.py (see the module docstring): below this many tokens per unit of
-# in*out/(in+out) the token-proportional spectral form beats building ΔW.
-SPECTRAL_RATIO = 0.5
+# The auto rule and its constant live in bridge, one for both frameworks (calibrated with
+# benchmarks/torch_auto_rule.py, see the module docstring); SPECTRAL_RATIO stays importable as its alias.
+SPECTRAL_RATIO = SPECTRAL_MAX_RATIO
 
 
 @functools.lru_cache(maxsize=256)
@@ -81,13 +84,13 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def choose_mode(tokens: int, out_features: int, in_features: int) -> str:
-    """The ``"auto"`` rule: ``"spectral"`` when ``tokens·(in+out) ≤ SPECTRAL_RATIO·in·out``, else ``"fused"``.
+    """The ``"auto"`` rule (bridge's): ``"spectral"`` when ``tokens·(in+out) < SPECTRAL_RATIO·in·out``, else fused.
 
     Example:
         >>> choose_mode(1, 768, 768), choose_mode(1024, 768, 768)
         ('spectral', 'fused')
     """
-    return "spectral" if tokens * (in_features + out_features) <= SPECTRAL_RATIO * in_features * out_features else "fused"
+    return _choose_path(tokens, out_features, in_features)
 
 
 class FourierFTLinear(nn.Module):
@@ -132,21 +135,7 @@ class FourierFTLinear(nn.Module):
         self.base_layer = base_layer
         self.out_features, self.in_features = layer_shape(base_layer)
         flag = config.fan_in_fan_out if fan_in_fan_out is None else fan_in_fan_out
-        if kind == bridge.LINEAR and flag:
-            warnings.warn(
-                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                "Setting fan_in_fan_out to False.",
-                UserWarning,
-                stacklevel=2,
-            )
-            flag = False
-        elif kind == bridge.CONV1D and not flag:
-            warnings.warn(
-                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
-                UserWarning,
-                stacklevel=2,
-            )
-            flag = True
+        flag = fan_in_fan_out_for(kind, flag, stacklevel=2)
         self.fan_in_fan_out = flag
         self.fourierft_spectrum = nn.ParameterDict({})
         self.fourierft_n_frequency: dict[str, int] = {}
@@ -206,7 +195,7 @@ class FourierFTLinear(nn.Module):
         """ΔW of one adapter in ``(out, in)`` layout, computed in float32, cast to the spectrum's dtype (as PEFT)."""
         spectrum = self.fourierft_spectrum[adapter_name]
         plan, _ = self._plan(adapter_name, spectrum.device)
-        return delta_weight(spectrum, plan, self.fourierft_scaling[adapter_name]).to(spectrum.dtype)
+        return delta_from_plan(spectrum, plan, self.fourierft_scaling[adapter_name]).to(spectrum.dtype)
 
     def _weight_delta(self, adapter_name: str) -> torch.Tensor:
         delta = self.get_delta_weight(adapter_name)

@@ -1,7 +1,7 @@
 """``FourierFTModel``: FourierFT adapters on a torch model, with PEFT's API names and PEFT's file format.
 
 Which layers are adapted comes from ``bridge.select_targets`` (PEFT's rules), positions from
-``bridge.spectral_indices``, file layout and validation from ``bridge``'s PEFT format module.
+``bridge.spectral_indices``, file layout and validation from ``bridge._src.peft_format`` (see docs/format.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,23 @@ import torch
 from torch import nn
 
 import bridge
-from bridge._src.peft_format import MODULE, ORIGINAL, SPECTRUM
+from bridge._src.atomic import atomic_directory, give_normal_mode
+from bridge._src.peft_format import (
+    MODULE,
+    ORIGINAL,
+    SAFETENSORS_METADATA,
+    SPECTRUM,
+    WEIGHTS_NAME,
+    AdapterKey,
+    adapter_directory,
+    adapter_keys,
+    check_adapter_shapes,
+    config_for_saving,
+    modules_to_save_names,
+    read_shapes,
+    rename_bias_aliases,
+    weights_path,
+)
 
 from ._layer import FourierFTLinear, layer_kind, layer_shape
 from ._modules_to_save import ModulesToSaveWrapper, unwrap
@@ -178,7 +194,7 @@ class FourierFTModel(nn.Module):
         )
         # PEFT flips the config's flag to fit each layer it creates; the last one wins in the saved config.
         config.fan_in_fan_out = targets[-1].kind == bridge.CONV1D
-        saved = bridge.modules_to_save_names(config, [info.name for info in infos])
+        saved = modules_to_save_names(config, [info.name for info in infos])
         return config, targets, saved
 
     # ------------------------------------------------------------------ adapters
@@ -400,10 +416,10 @@ class FourierFTModel(nn.Module):
     # ------------------------------------------------------------------ files
     def _adapter_keys(
         self, config: bridge.FourierFTConfig, targets: list[bridge.TargetLayer], saved: list[str]
-    ) -> list[bridge.AdapterKey]:
+    ) -> list[AdapterKey]:
         shapes = {name: tuple(t.shape) for name, t in self._logical_state().items()}
         adapted = sorted(set(self._fourier_layers()) | {t.name for t in targets})
-        return bridge.adapter_keys(config, targets, shapes, saved, adapted_layers=adapted)
+        return adapter_keys(config, targets, shapes, saved, adapted_layers=adapted)
 
     def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         config = self.peft_config[adapter_name]
@@ -445,15 +461,16 @@ class FourierFTModel(nn.Module):
         payloads = {}
         for name in names:
             tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self._adapter_tensors(name).items()}
-            config = bridge.config_for_saving(self.peft_config[name])
+            config = config_for_saving(self.peft_config[name])
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
             payloads[name] = (config, tensors)
-        with bridge.atomic_directory(save_directory) as temporary:
+        with atomic_directory(save_directory, merge=True) as temporary:  # other adapters there stay
             for name, (config, tensors) in payloads.items():
-                folder = bridge.adapter_directory(temporary, name)
+                folder = adapter_directory(temporary, name)
                 os.makedirs(folder, exist_ok=True)
-                save_file(tensors, os.path.join(folder, bridge.WEIGHTS_NAME), metadata=dict(bridge.SAFETENSORS_METADATA))
+                save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata=dict(SAFETENSORS_METADATA))
+                give_normal_mode(os.path.join(folder, WEIGHTS_NAME))  # safetensors creates the file 0600
                 config.save_pretrained(folder)
 
     def load_adapter(
@@ -474,11 +491,11 @@ class FourierFTModel(nn.Module):
             raise ValueError("FourierFTModel supports only 1 adapter with bias")
         config, targets, saved = self._plan_adapter(config)
         keys = self._adapter_keys(config, targets, saved)
-        path = bridge.weights_path(directory)
-        shapes, _ = bridge.read_shapes(path)
-        renames = bridge.rename_bias_aliases(keys, list(shapes))
+        path = weights_path(directory)
+        shapes, _ = read_shapes(path)
+        renames = rename_bias_aliases(keys, list(shapes))
         shapes = {renames.get(k, k): v for k, v in shapes.items()}
-        bridge.check_adapter_shapes(keys, shapes, source=path)
+        check_adapter_shapes(keys, shapes, source=path)
         try:
             tensors = {renames.get(k, k): v for k, v in load_file(path).items()}
         except Exception as error:

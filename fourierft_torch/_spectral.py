@@ -3,7 +3,7 @@
 With ``S`` the sparse ``out × in`` spectrum (real coefficients ``c_k`` at ``(row_k, col_k)``) and
 ``ΔW = scaling · Re(ifft2(S))``:
 
-* ``delta_weight``: ``Re(ifft2(S)) = irfft2(H)`` with ``H = (S + S[-r, -c]) / 2`` on the half plane
+* ``delta_from_plan``: ``Re(ifft2(S)) = irfft2(H)`` with ``H = (S + S[-r, -c]) / 2`` on the half plane
   ``c ≤ in // 2`` -- no complex ``out × in`` buffer, half the FFT work.
 * ``spectral_delta``: ``x ΔWᵀ = scaling / in · Re(ifft_out(Z))`` with ``Z[b, row_k] += c_k · conj(fft(x)[b, col_k])``.
   ``conj(fft(x))`` at ``col > in // 2`` is ``rfft(x)`` at ``in - col``, and ``Re(ifft(Z))`` is ``irfft`` of the
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import bridge
+from bridge._src import plans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class SpectralPlan:
 
     ``coef``: which spectrum entry feeds each term; ``src``: the ``rfft`` column read; ``sign``: ``±1`` on the
     imaginary part (conjugation); ``bin``: the half-spectrum output bin; ``half_flat``/``half_coef``: where
-    ``delta_weight`` adds which coefficient (index of the real part in the flattened ``(out, in//2+1, 2)`` buffer).
+    ``delta_from_plan`` adds which coefficient (index of the real part in the flattened ``(out, in//2+1, 2)`` buffer).
     """
 
     out_features: int
@@ -50,56 +51,47 @@ class SpectralPlan:
 
 
 def make_plan(indices: np.ndarray | torch.Tensor, out_features: int, in_features: int) -> SpectralPlan:
-    """Build the index maps for positions ``indices`` (shape ``(2, n)``: rows, cols) of an ``out × in`` layer.
+    """Bridge's forward and ``ΔW`` plans for positions ``indices`` (``(2, n)``: rows, cols) as torch tensors.
 
     Example:
         >>> plan = make_plan(bridge.spectral_indices(8, 6, 5, 777), 8, 6)
         >>> plan.coef.shape[0] >= 5
         True
     """
-    indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
-    rows, cols = indices[0], indices[1]
-    k = np.arange(rows.shape[0])
-    half_out, half_in = out_features // 2, in_features // 2
-    # conj(fft(x))[col]: conj(rfft[col]) for col <= in//2, else rfft[in - col] (no conjugation).
-    low = cols <= half_in
-    src = np.where(low, cols, in_features - cols)
-    conj = low
-    # Hermitian half of Z: Z[row]/2 lands on `row` (if row <= out//2); conj(Z[row])/2 on (out - row) % out.
-    mirror = (out_features - rows) % out_features
-    first = rows <= half_out
-    second = mirror <= half_out
-    coef = np.concatenate([k[first], k[second]])
-    bins = np.concatenate([rows[first], mirror[second]])
-    srcs = np.concatenate([src[first], src[second]])
-    signs = np.concatenate([np.where(conj[first], -1.0, 1.0), np.where(conj[second], 1.0, -1.0)])
-    # delta_weight: H = (S + S[-r, -c]) / 2 restricted to c <= in//2 (S is real, so H is real).
-    mirror_cols = (in_features - cols) % in_features
-    keep_a = cols <= half_in
-    keep_b = mirror_cols <= half_in
-    half_rows = np.concatenate([rows[keep_a], mirror[keep_b]])
-    half_cols = np.concatenate([cols[keep_a], mirror_cols[keep_b]])
-    half_coef = np.concatenate([k[keep_a], k[keep_b]])
-    as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    indices = _numpy_indices(indices)
+    forward = plans.forward_plan(indices, out_features, in_features)
+    scatter = plans.delta_scatter(indices, out_features, in_features, "torch")
+    # delta_from_plan adds into the interleaved (re, im) storage of the (out, in//2+1) half spectrum: the real part
+    # of entry (r, c) is element 2·(r·(in//2+1) + c) of the flat float buffer.
+    half_flat = (scatter.rows * scatter.half_shape[1] + scatter.cols) * 2
     return SpectralPlan(
         out_features,
         in_features,
-        coef=as_long(coef),
-        src=as_long(srcs),
-        sign=torch.from_numpy(signs.astype(np.float32)),
-        bin=as_long(bins),
-        half_flat=as_long((half_rows * (in_features // 2 + 1) + half_cols) * 2),
-        half_coef=as_long(half_coef),
+        coef=_long(forward.bin_source),
+        src=_long(forward.term_gather),
+        sign=torch.from_numpy(forward.term_sign.astype(np.float32)),
+        bin=_long(forward.bins),
+        half_flat=_long(half_flat),
+        half_coef=_long(scatter.source),
     )
 
 
-def delta_weight(spectrum: torch.Tensor, plan: SpectralPlan, scaling: float) -> torch.Tensor:
+def _numpy_indices(indices: np.ndarray | torch.Tensor) -> np.ndarray:
+    return np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
+
+
+def _long(array: np.ndarray) -> torch.Tensor:
+    # A writable copy: torch warns on (and must not write through) the plans' read-only numpy arrays.
+    return torch.from_numpy(np.array(array, dtype=np.int64))
+
+
+def delta_from_plan(spectrum: torch.Tensor, plan: SpectralPlan, scaling: float) -> torch.Tensor:
     """``ΔW = scaling · Re(ifft2(S))`` as a float32 ``(out, in)`` tensor, differentiable in ``spectrum``.
 
     Example:
         >>> idx = bridge.spectral_indices(8, 6, 5, 777)
         >>> c = torch.randn(5, dtype=torch.float64)
-        >>> dw = delta_weight(c, make_plan(idx, 8, 6), 2.0)
+        >>> dw = delta_from_plan(c, make_plan(idx, 8, 6), 2.0)
         >>> bool(np.allclose(dw.numpy(), bridge.delta_weight(c.numpy(), idx, 8, 6, 2.0), atol=1e-5))
         True
     """
@@ -175,7 +167,7 @@ def spectral_delta(x: torch.Tensor, spectrum: torch.Tensor, plan: SpectralPlan, 
     Example:
         >>> idx = bridge.spectral_indices(8, 6, 5, 777)
         >>> plan, c, x = make_plan(idx, 8, 6), torch.randn(5), torch.randn(3, 6)
-        >>> torch.allclose(spectral_delta(x, c, plan, 2.0), x @ delta_weight(c, plan, 2.0).T, atol=1e-5)
+        >>> torch.allclose(spectral_delta(x, c, plan, 2.0), x @ delta_from_plan(c, plan, 2.0).T, atol=1e-5)
         True
     """
     scale = 0.5 * float(scaling) / plan.in_features
@@ -185,12 +177,6 @@ def spectral_delta(x: torch.Tensor, spectrum: torch.Tensor, plan: SpectralPlan, 
     leading = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
     return _SpectralDelta.apply(flat, weights, plan).reshape(*leading, plan.out_features)
-
-
-def _signed_rows(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    # fft(v)[j] as rfft: rfft[j] for j <= n//2, else conj(rfft[n - j]).  Returns (rfft index, imag sign).
-    low = values <= n // 2
-    return np.where(low, values, n - values), np.where(low, 1.0, -1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,21 +193,18 @@ class GradPlan:
 
 
 def make_grad_plan(indices: np.ndarray | torch.Tensor, out_features: int, in_features: int) -> GradPlan:
-    """Build the gradient index maps for positions ``indices`` of an ``out × in`` layer.
+    """Bridge's gradient plan for positions ``indices`` of an ``out × in`` layer, as torch tensors.
 
     Example:
         >>> make_grad_plan(np.array([[0, 7], [1, 5]]), 8, 6).rows.tolist()
         [0, 1]
     """
-    indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
-    rows, row_sign = _signed_rows(indices[0], out_features)
-    cols, col_sign = _signed_rows(indices[1], in_features)
-    sign = row_sign * col_sign
+    plan = plans.grad_plan(_numpy_indices(indices), out_features, in_features)
+    # _input_table stacks x's spectrum over its conjugate: a plain dot product with dy's spectrum then gives
+    # Re(Ŷ·X̂) when the conjugate row (offset in//2+1) is read, i.e. where the Im·Im product keeps its minus.
+    table_rows = plan.in_index + np.where(plan.sign > 0, in_features // 2 + 1, 0)
     return GradPlan(
-        torch.from_numpy(np.ascontiguousarray(rows)),
-        torch.from_numpy(np.ascontiguousarray(cols)),
-        torch.from_numpy(sign.astype(np.float32)),
-        torch.from_numpy(np.ascontiguousarray(cols + np.where(sign > 0, in_features // 2 + 1, 0))),
+        _long(plan.out_index), _long(plan.in_index), torch.from_numpy(plan.sign.astype(np.float32)), _long(table_rows)
     )
 
 
@@ -305,7 +288,7 @@ def spectrum_grad(
     Example:
         >>> idx = bridge.spectral_indices(8, 6, 5, 777)
         >>> x, dy, c = torch.randn(4, 6), torch.randn(4, 8), torch.randn(5, requires_grad=True)
-        >>> (x @ delta_weight(c, make_plan(idx, 8, 6), 3.0).T * dy).sum().backward()
+        >>> (x @ delta_from_plan(c, make_plan(idx, 8, 6), 3.0).T * dy).sum().backward()
         >>> torch.allclose(spectrum_grad(x, dy, make_grad_plan(idx, 8, 6), 3.0), c.grad, atol=1e-5)
         True
     """
@@ -366,7 +349,7 @@ class _FusedLinear(torch.autograd.Function):
 def _effective_weight(weight: torch.Tensor, adapters, spectra) -> torch.Tensor:
     delta = None
     for (plan, _, scaling), spectrum in zip(adapters, spectra):
-        term = delta_weight(spectrum, plan, scaling)
+        term = delta_from_plan(spectrum, plan, scaling)
         delta = term if delta is None else delta.add_(term)
     return weight + delta.to(weight.dtype)
 
@@ -387,7 +370,7 @@ def fused_linear(
         >>> idx = bridge.spectral_indices(8, 6, 5, 777)
         >>> plans = [(make_plan(idx, 8, 6), make_grad_plan(idx, 8, 6), 2.0)]
         >>> x, w, c = torch.randn(3, 6), torch.randn(8, 6), torch.randn(5)
-        >>> torch.allclose(fused_linear(x, w, None, plans, [c]), x @ (w + delta_weight(c, plans[0][0], 2.0)).T, atol=1e-5)
+        >>> torch.allclose(fused_linear(x, w, None, plans, [c]), x @ (w + delta_from_plan(c, plans[0][0], 2.0)).T, atol=1e-5)
         True
     """
     return _FusedLinear.apply(x, weight, bias, tuple(adapters), bool(keep_delta), *spectra)

@@ -22,7 +22,7 @@ import json
 import sys
 from typing import Callable, Optional, Sequence
 
-from .checkpoint import CheckpointError
+from .folders import CheckpointError
 from .config import CONFIG_NAME
 from .names import NameMapError
 from .peft_format import AdapterFormatError
@@ -87,27 +87,54 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     import os
-    import shutil
-    import tempfile
 
-    from .checkpoint import is_conv1d, open_base, resolve, select_adapter
-    from .merge import _replace_directory
     from .names import NameMap
-    from .orbax_format import is_orbax_adapter
-    from .peft_format import list_adapters
 
-    if not os.path.exists(args.src):
-        raise CheckpointError(f"{args.src}: no such file or directory")
-    if is_orbax_adapter(args.src):
-        source = "orbax"
-    elif os.path.isdir(args.src) and list_adapters(args.src):
-        source = "peft"
-    else:
-        raise CheckpointError(f"{args.src} is neither a PEFT adapter folder (no {CONFIG_NAME}) nor a fourierft_jax "
-                              f"Orbax adapter checkpoint (no fourierft_adapter.json)")
+    source = _adapter_format(args.src)
     if source == args.to:
         raise CheckpointError(f"{args.src} is already a {source} adapter; nothing to convert")
     dst = os.path.abspath(args.dst)
+    _check_convert_destination(args, dst)
+    if source == "peft" and args.base is None:
+        raise CheckpointError(
+            "PEFT -> Orbax needs the layer shapes, which a PEFT adapter does not store: pass --base MODEL "
+            "(the base model's safetensors file or folder)"
+        )
+    name_map = NameMap.parse(args.name_map)
+    try:
+        import fourierft_jax
+    except ImportError as error:
+        raise CheckpointError(f"convert needs jax, flax and orbax-checkpoint (pip install 'fourierft[jax]'): {error}") \
+            from None
+    convert = _orbax_to_peft if source == "orbax" else _peft_to_orbax
+    try:
+        layers = convert(args, dst, name_map)
+    except (fourierft_jax.AdapterMismatchError, KeyError) as error:
+        raise CheckpointError(str(error).strip("'\"")) from None
+    print(f"converted {args.src} ({source}) -> {dst} ({args.to}): {layers} layer(s)")
+    return 0
+
+
+def _adapter_format(path: str) -> str:
+    """``"orbax"`` or ``"peft"``: what kind of adapter ``path`` holds (a ``CheckpointError`` if neither)."""
+    import os
+
+    from .orbax_format import is_orbax_adapter
+    from .peft_format import list_adapters
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if is_orbax_adapter(path):
+        return "orbax"
+    if os.path.isdir(path) and list_adapters(path):
+        return "peft"
+    raise CheckpointError(f"{path} is neither a PEFT adapter folder (no {CONFIG_NAME}) nor a fourierft_jax "
+                          f"Orbax adapter checkpoint (no fourierft_adapter.json)")
+
+
+def _check_convert_destination(args: argparse.Namespace, dst: str) -> None:
+    import os
+
     for source_path in [args.src] + ([args.base] if args.base else []):
         source_path = os.path.abspath(source_path)
         # DST may sit inside a model folder, but must never be, or hold, an input, nor sit inside the source.
@@ -118,52 +145,49 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise CheckpointError(f"DST {dst} already exists: pass --overwrite to replace it")
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise CheckpointError(f"DST {dst} exists and is not a folder")
-    if source == "peft" and args.base is None:
-        raise CheckpointError(
-            "PEFT -> Orbax needs the layer shapes, which a PEFT adapter does not store: pass --base MODEL "
-            "(the base model's safetensors file or folder)"
-        )
-    name_map = NameMap.parse(args.name_map)
-    try:
-        import fourierft_jax
-        from fourierft_jax._src.convert import with_base_originals
-    except ImportError as error:
-        raise CheckpointError(f"convert needs jax, flax and orbax-checkpoint (pip install 'fourierft[jax]'): {error}") \
-            from None
-    try:
-        if source == "orbax":
-            saved = fourierft_jax.load_adapter(args.src)
-            model_type = None
-            if args.base:
-                base = open_base(args.base)
-                model_type = base.model_type
-                saved = with_base_originals(saved, lambda name: _base_array(base, name), name_map)
-            conv1d = (lambda name: is_conv1d(name, model_type, saved.config, None)) if model_type else None
-            parent = os.path.dirname(dst)
-            os.makedirs(parent, exist_ok=True)
-            temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-            try:
-                out = os.path.join(temporary, "adapter")
-                fourierft_jax.export_peft(saved, out, name_map=name_map, conv1d=conv1d)
-                _replace_directory(out, dst, args.overwrite)
-            finally:
-                shutil.rmtree(temporary, ignore_errors=True)
-            layers = len(saved.spec.layers)
-        else:
-            base = open_base(args.base)
-            opened = select_adapter(args.src, args.adapter_name)
-            resolution = resolve(opened, base)
-            shapes = {layer.name: (layer.out_features, layer.in_features) for layer in resolution.layers}
-            saved = fourierft_jax.read_peft(
-                args.src, shapes=shapes, name_map=name_map, adapter_name=args.adapter_name,
-                conv1d=lambda name: is_conv1d(name, base.model_type, opened.config, None),
-            )
-            fourierft_jax.save_adapter(dst, saved, overwrite=args.overwrite)
-            layers = len(saved.spec.layers)
-    except (fourierft_jax.AdapterMismatchError, KeyError) as error:
-        raise CheckpointError(str(error).strip("'\"")) from None
-    print(f"converted {args.src} ({source}) -> {dst} ({args.to}): {layers} layer(s)")
-    return 0
+
+
+def _orbax_to_peft(args: argparse.Namespace, dst: str, name_map) -> int:
+    """Export the Orbax checkpoint ``args.src`` as a PEFT folder at ``dst``; return the number of layers."""
+    import os
+
+    import fourierft_jax
+    from fourierft_jax._src.convert import with_base_originals
+
+    from .atomic import atomic_directory
+    from .folders import is_conv1d, open_base
+
+    saved = fourierft_jax.load_adapter(args.src)
+    conv1d = None
+    if args.base:
+        base = open_base(args.base)
+        saved = with_base_originals(saved, lambda name: _base_array(base, name), name_map)
+        if base.model_type:
+            model_type = base.model_type
+            conv1d = lambda name: is_conv1d(name, model_type, saved.config, None)  # noqa: E731
+    with atomic_directory(dst) as temporary:
+        fourierft_jax.export_peft(saved, temporary, name_map=name_map, conv1d=conv1d)
+        if os.path.exists(dst) and not args.overwrite:  # appeared while we were writing
+            raise CheckpointError(f"DST {dst} already exists: pass --overwrite to replace it")
+    return len(saved.spec.layers)
+
+
+def _peft_to_orbax(args: argparse.Namespace, dst: str, name_map) -> int:
+    """Save the PEFT adapter ``args.src`` (layer shapes from ``args.base``) as an Orbax checkpoint at ``dst``."""
+    import fourierft_jax
+
+    from .folders import is_conv1d, open_base, resolve, select_adapter
+
+    base = open_base(args.base)
+    opened = select_adapter(args.src, args.adapter_name)
+    resolution = resolve(opened, base)
+    shapes = {layer.name: (layer.out_features, layer.in_features) for layer in resolution.layers}
+    saved = fourierft_jax.read_peft(
+        args.src, shapes=shapes, name_map=name_map, adapter_name=args.adapter_name,
+        conv1d=lambda name: is_conv1d(name, base.model_type, opened.config, None),
+    )
+    fourierft_jax.save_adapter(dst, saved, overwrite=args.overwrite)
+    return len(saved.spec.layers)
 
 
 def _base_array(base, name: str):
@@ -188,7 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_inspect(commands)
+    _add_merge(commands)
+    _add_convert(commands)
+    _add_plot(commands)
+    return parser
 
+
+def _add_inspect(commands: argparse._SubParsersAction) -> None:
+    """``fourierft inspect``: an adapter's config, layers and sizes."""
     inspect = commands.add_parser(
         "inspect", help="show an adapter's config, layers and parameter counts",
         description="Show the format, config, adapted layers (name, shape, n_frequency, scaling, parameters), totals "
@@ -202,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     inspect.set_defaults(run=_cmd_inspect)
 
+
+def _add_merge(commands: argparse._SubParsersAction) -> None:
+    """``fourierft merge``: a base model's safetensors with the adapter merged in."""
     merge = commands.add_parser(
         "merge", help="merge an adapter into a base model's safetensors",
         description="Write the base model with the adapter merged in (W += scaling*Re(ifft2(S)); biases and "
@@ -218,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     merge.set_defaults(run=_cmd_merge)
 
+
+def _add_convert(commands: argparse._SubParsersAction) -> None:
+    """``fourierft convert``: PEFT folder <-> fourierft_jax Orbax checkpoint."""
     convert = commands.add_parser(
         "convert", help="convert an adapter between PEFT's format and a fourierft_jax Orbax checkpoint",
         description="Convert SRC (a PEFT adapter folder or a fourierft_jax Orbax adapter checkpoint; detected) to "
@@ -240,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     convert.set_defaults(run=_cmd_convert)
 
+
+def _add_plot(commands: argparse._SubParsersAction) -> None:
+    """``fourierft plot``: learned spectra and delta weights as a PNG."""
     plot = commands.add_parser(
         "plot", help="draw learned spectra and delta weights to a PNG",
         description="For the chosen layers (default: the first three) draw the learned spectrum (coefficients on "
@@ -255,7 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--adapter-name", help="which adapter of a folder holding several (default: 'default')")
     plot.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     plot.set_defaults(run=_cmd_plot)
-    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -11,9 +11,10 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import warnings
 from typing import Any, Optional, Union
+
+from .atomic import write_text_atomically
 
 PEFT_TYPE = "FOURIERFT"
 CONFIG_NAME = "adapter_config.json"
@@ -185,7 +186,7 @@ class FourierFTConfig:
             raise ValueError(f"FourierFTConfig.save_pretrained: {save_directory} is a file, not a directory")
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
-        _atomic_write_text(path, self.to_json_string())
+        write_text_atomically(path, self.to_json_string())
         return path
 
     @classmethod
@@ -264,16 +265,3 @@ def _int(value: Any, field: str) -> int:
 def _positive_int(value: Any, field: str) -> None:
     if _int(value, field) <= 0:
         raise ValueError(f"FourierFTConfig: `{field}` must be a positive integer, got {value!r}")
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise

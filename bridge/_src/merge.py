@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 from typing import Optional, Union
 
 import numpy as np
 
-from .atomic import replace_directory
-from .checkpoint import (
+from .atomic import atomic_directory
+from .folders import (
     INDEX_NAME,
     Adapter,
     BaseCheckpoint,
@@ -29,7 +28,7 @@ from .checkpoint import (
     resolve,
     select_adapter,
 )
-from .positions import spectral_indices
+from .plans import DeltaScatter, delta_scatter, layer_plans
 from .tensor_io import FLOAT_DTYPES, from_float32, header_bytes, to_float32, write_bytes
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -44,7 +43,7 @@ def delta_weight_float32(
     """``scaling · Re(ifft2(S))`` as float32 ``(out, in)``, via ``irfft2`` of the Hermitian-symmetrised half spectrum.
 
     ``Re(ifft2(S)) = ifft2((S + conj(S[-r, -c])) / 2)`` and the symmetrised matrix is Hermitian, so its
-    ``c ≤ in // 2`` half determines it: half the FFT work and no complex ``out × in`` buffer.
+    ``c ≤ in // 2`` half determines it: half the FFT work and no complex ``out × in`` buffer (``plans.py``).
 
     Example:
         >>> from bridge import delta_weight, spectral_indices
@@ -53,15 +52,14 @@ def delta_weight_float32(
         >>> bool(np.allclose(delta_weight_float32(c, idx, 6, 5, 2.0), delta_weight(c, idx, 6, 5, 2.0), atol=1e-6))
         True
     """
-    half = in_features // 2 + 1
-    values = np.asarray(spectrum, dtype=np.float32) * np.float32(0.5)
-    rows, cols = np.asarray(indices[0]), np.asarray(indices[1])
-    mirror_rows, mirror_cols = (-rows) % out_features, (-cols) % in_features
-    spectrum_half = np.zeros((out_features, half), dtype=np.complex64)
-    for r, c in ((rows, cols), (mirror_rows, mirror_cols)):
-        keep = c < half
-        np.add.at(spectrum_half, (r[keep], c[keep]), values[keep])  # add.at: a point may be its own mirror
-    delta = np.fft.irfft2(spectrum_half, s=(out_features, in_features))
+    return _delta_float32(spectrum, delta_scatter(indices, out_features, in_features, "torch"), scaling)
+
+
+def _delta_float32(spectrum: np.ndarray, scatter: DeltaScatter, scaling: float) -> np.ndarray:
+    values = np.asarray(spectrum, dtype=np.float32)[scatter.source] * np.float32(0.5)
+    spectrum_half = np.zeros(scatter.half_shape, dtype=np.complex64)
+    np.add.at(spectrum_half, (scatter.rows, scatter.cols), values)  # add.at: a point may be its own partner
+    delta = np.fft.irfft2(spectrum_half, s=scatter.shape)
     return (delta * np.float32(scaling)).astype(np.float32, copy=False)
 
 
@@ -69,13 +67,14 @@ def merged_weight(base: np.ndarray, base_dtype: str, layer: ResolvedLayer, spect
     """The merged weight of one layer in the base tensor's dtype (bfloat16 as ``uint16`` bit patterns).
 
     Example:
-        >>> from bridge._src.checkpoint import ResolvedLayer
+        >>> from bridge._src.folders import ResolvedLayer
         >>> layer = ResolvedLayer("l", "l.weight", 2, 2, False, 1, "k")
         >>> merged_weight(np.zeros((2, 2), np.float32), "F32", layer, np.array([4.0], np.float32), 1.0, 777).tolist()
         [[1.0, -1.0], [-1.0, 1.0]]
     """
-    indices = spectral_indices(layer.out_features, layer.in_features, layer.n_frequency, seed)
-    delta = delta_weight_float32(spectrum, indices, layer.out_features, layer.in_features, scaling)
+    # Layers of equal shape share positions and plans (PEFT uses one seed for all of them).
+    plans = layer_plans(layer.out_features, layer.in_features, layer.n_frequency, seed, "torch")
+    delta = _delta_float32(spectrum, plans.delta, scaling)
     if not np.isfinite(delta).all():
         raise CheckpointError(f"layer {layer.name!r}: the adapter's delta weight holds NaN or inf (a broken adapter?)")
     if layer.conv1d:
@@ -144,10 +143,7 @@ def merge_adapter(
     _check_destination(out_path, overwrite, [base, adapter])
     checkpoint, opened, resolution = plan_merge(base, adapter, adapter_name, fan_in_fan_out)
     layers = {layer.key: layer for layer in resolution.layers}
-    parent = os.path.dirname(out_path)
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(out_path) as temporary:
         from tqdm.auto import tqdm
 
         total = sum(file.nbytes(key) for file in checkpoint.files.values() for key in file.keys())
@@ -171,10 +167,8 @@ def merge_adapter(
                         bar.update(source.nbytes(key))
                 source.close()
         copied, skipped = _copy_model_files(checkpoint, temporary, exclude=out_path)
-        _replace_directory(temporary, out_path, overwrite)
-    finally:
-        if os.path.exists(temporary):
-            shutil.rmtree(temporary, ignore_errors=True)
+        if os.path.exists(out_path) and not overwrite:  # appeared while we were writing
+            raise CheckpointError(f"--out {out_path} already exists: pass --overwrite to replace it")
     return MergeReport(
         out_path, list(checkpoint.files), len(resolution.layers), len(resolution.tensors), copied, skipped,
         resolution.prefix_note,
@@ -227,8 +221,3 @@ def _copy_model_files(checkpoint: BaseCheckpoint, destination: str, exclude: str
             copied.append(entry)
     return copied, skipped
 
-
-def _replace_directory(temporary: str, out_path: str, overwrite: bool) -> None:
-    if os.path.exists(out_path) and not overwrite:  # appeared while we were writing
-        raise CheckpointError(f"--out {out_path} already exists: pass --overwrite to replace it")
-    replace_directory(temporary, out_path)

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Mapping, Union
 
-from .checkpoint import CheckpointError
+from .folders import CheckpointError
 from .config import FourierFTConfig
 from .targets import stack_row_path
 
@@ -43,7 +43,7 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
         >>> read_metadata(tempfile.mkdtemp())
         Traceback (most recent call last):
         ...
-        bridge._src.checkpoint.CheckpointError: ... is not a fourierft_jax adapter checkpoint (no fourierft_adapter.json)
+        bridge._src.folders.CheckpointError: ... is not a fourierft_jax adapter checkpoint (no fourierft_adapter.json)
     """
     folder = os.fspath(path)
     file = os.path.join(folder, METADATA_NAME)

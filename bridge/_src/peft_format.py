@@ -12,21 +12,20 @@ name removed:
 * ``modules_to_save`` module ``M``: ``base_model.model.M.<rest>`` for every entry of its state dict.
 
 Only numpy and ``safetensors.numpy`` are used, so the JAX package and converters share this code; a torch caller
-can serialize its own tensors (bf16) inside ``atomic_directory`` with the key names computed here.
+can serialize its own tensors (bf16) inside ``bridge._src.atomic.atomic_directory(..., merge=True)`` with the key
+names computed here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
-import shutil
-import tempfile
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .atomic import atomic_directory, give_normal_mode
 from .config import CONFIG_NAME, FourierFTConfig
 from .targets import TargetLayer
 
@@ -314,53 +313,6 @@ def config_for_saving(config: FourierFTConfig) -> FourierFTConfig:
     return dataclasses.replace(config, inference_mode=True)
 
 
-@contextlib.contextmanager
-def atomic_directory(directory: PathLike) -> Iterator[str]:
-    """Yield a fresh temporary sibling of ``directory``; on success move its contents into ``directory``.
-
-    If ``directory`` does not exist the temporary folder is renamed onto it (one atomic step); otherwise each file
-    is moved in with ``os.replace`` (atomic per file, sub-folders included). On an exception nothing is moved and
-    the temporary folder is removed, so a failed save never leaves a half-written adapter.
-
-    Example:
-        >>> import tempfile
-        >>> target = os.path.join(tempfile.mkdtemp(), "adapter")
-        >>> with atomic_directory(target) as tmp:
-        ...     _ = open(os.path.join(tmp, "x.txt"), "w").write("hi")
-        >>> os.listdir(target)
-        ['x.txt']
-    """
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.isfile(directory):
-        raise ValueError(f"{directory} is a file, not a directory")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        yield temporary
-        if not os.path.exists(directory):
-            os.rename(temporary, directory)
-            return
-        _move_into(temporary, directory)
-    finally:
-        if os.path.exists(temporary):
-            shutil.rmtree(temporary, ignore_errors=True)
-
-
-def _move_into(source: str, destination: str) -> None:
-    for entry in sorted(os.listdir(source)):
-        src, dst = os.path.join(source, entry), os.path.join(destination, entry)
-        if os.path.isdir(src):
-            if os.path.isdir(dst):
-                _move_into(src, dst)
-            else:
-                if os.path.exists(dst):
-                    os.remove(dst)
-                os.rename(src, dst)
-        else:
-            os.replace(src, dst)
-
-
 def write_adapter(
     directory: PathLike,
     config: FourierFTConfig,
@@ -378,7 +330,7 @@ def write_adapter(
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     target = adapter_directory(directory, adapter_name)
-    with atomic_directory(target) as temporary:
+    with atomic_directory(target, merge=True) as temporary:  # the folder may hold other adapters
         save_tensors({key: np.ascontiguousarray(value) for key, value in arrays.items()},
                      os.path.join(temporary, WEIGHTS_NAME))
         config_for_saving(config).save_pretrained(temporary)
@@ -400,6 +352,7 @@ def save_tensors(arrays: Mapping[str, np.ndarray], path: PathLike) -> None:
         from safetensors.numpy import save_file
 
         save_file(dict(arrays), os.fspath(path), metadata=dict(SAFETENSORS_METADATA))
+        give_normal_mode(path)  # safetensors creates the file 0600
         return
     from .tensor_io import header_bytes, write_bytes
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .checkpoint import Adapter, CheckpointError, ResolvedLayer, SpectrumLayer, is_conv1d, open_base, resolve, select_adapter
+from .folders import Adapter, CheckpointError, ResolvedLayer, SpectrumLayer, is_conv1d, open_base, resolve, select_adapter
 from .merge import delta_weight_float32
 from .positions import spectral_indices
 
@@ -43,7 +43,7 @@ def choose_layers(adapter: Adapter, patterns: Optional[Sequence[str]], count: in
     """The layers named by ``patterns`` (exact name, ``*`` glob, or dotted suffix), else the first ``count``.
 
     Example:
-        >>> from bridge._src.checkpoint import SpectrumLayer
+        >>> from bridge._src.folders import SpectrumLayer
         >>> class A: layers = [SpectrumLayer("a.query", "k1", 2), SpectrumLayer("a.value", "k2", 2)]
         >>> [layer.name for layer in choose_layers(A, ["value"])]
         ['a.value']

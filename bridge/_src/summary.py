@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any, Optional, Union
 
-from .checkpoint import Adapter, BaseCheckpoint, open_adapters, open_base, resolve
+from .folders import Adapter, BaseCheckpoint, open_adapters, open_base, resolve
 from .orbax_format import folder_bytes, is_orbax_adapter, layer_names, read_metadata
 
 PathLike = Union[str, "os.PathLike[str]"]

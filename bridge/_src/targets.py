@@ -301,19 +301,35 @@ def _no_target_message(
     return message + f". The model's linear layers are: {shown or '(none)'}"
 
 
+def fan_in_fan_out_for(kind: str, requested: bool, stacklevel: int = 2) -> bool:
+    """The ``fan_in_fan_out`` a layer of ``kind`` takes: ``True`` for ``CONV1D`` (weight stored ``(in, out)``),
+    ``False`` for ``LINEAR``. When ``requested`` says otherwise, warn once (as PEFT does) and correct it.
+
+    ``stacklevel`` is that of ``warnings.warn`` as seen from the caller (2: the caller's caller).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     fan_in_fan_out_for(CONV1D, False), fan_in_fan_out_for(LINEAR, False)
+        (True, False)
+        >>> [str(w.message) for w in caught]
+        ['fan_in_fan_out is set to False but the target module is `Conv1D`; setting fan_in_fan_out to True.']
+    """
+    wanted = kind == CONV1D
+    if bool(requested) != wanted:
+        module = "`Conv1D`" if wanted else "a linear layer storing its weight (out, in) (`torch.nn.Linear`, Dense)"
+        warnings.warn(
+            f"fan_in_fan_out is set to {bool(requested)} but the target module is {module}; setting fan_in_fan_out "
+            f"to {wanted}.",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return wanted
+
+
 def _warn_fan_in_fan_out(config: FourierFTConfig, selected: list[TargetLayer]) -> None:
     kinds = {layer.kind for layer in selected}
-    if config.fan_in_fan_out and LINEAR in kinds:
-        warnings.warn(
-            "fan_in_fan_out is set to True but the target module is a linear layer storing (out, in); "
-            "treating those layers with fan_in_fan_out=False.",
-            UserWarning,
-            stacklevel=3,
-        )
-    if not config.fan_in_fan_out and CONV1D in kinds:
-        warnings.warn(
-            "fan_in_fan_out is set to False but the target module is `Conv1D`; treating those layers with "
-            "fan_in_fan_out=True.",
-            UserWarning,
-            stacklevel=3,
-        )
+    for kind in (LINEAR, CONV1D):
+        if kind in kinds:
+            fan_in_fan_out_for(kind, config.fan_in_fan_out, stacklevel=3)  # the caller of select_targets

@@ -12,7 +12,7 @@ it never reaches the optimizer and never causes a retrace.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import bridge
 
 from .layer import LayerSpec
-from .targets import Stacks, select_layers
+from .targets import KERNEL_LEAVES, Contractions, Stacks, select_layers
 from .tree import Path, dotted, get_path, iter_nodes
 
 SPECTRA, BIAS, MODULES_TO_SAVE = "spectra", "bias", "modules_to_save"
@@ -121,14 +121,52 @@ def build_spec(
     model_type: Optional[str] = None,
     output_layer: Optional[str] = None,
     stacked: Stacks = None,
+    contractions: Optional[Contractions] = None,
 ) -> AdapterSpec:
-    """The ``AdapterSpec`` of ``config`` on the ``params`` collection of a linen model (validates everything)."""
+    """The ``AdapterSpec`` of ``config`` on the ``params`` collection of a model (validates everything)."""
     if not isinstance(config, bridge.FourierFTConfig):
         raise TypeError(f"fourierft_jax: expected a FourierFTConfig, got {type(config).__name__}")
     saved = _saved_paths(params, config.modules_to_save)
-    layers = select_layers(params, config, model_type=model_type, output_layer=output_layer, stacked=stacked)
+    layers = select_layers(params, config, model_type=model_type, output_layer=output_layer, stacked=stacked,
+                           contractions=contractions)
     bias_paths = _bias_paths(params, config.bias, layers, saved)
     return AdapterSpec(layers, bias_paths, saved, config.bias)
+
+
+def model_contractions(
+    params: Any, inner: Mapping[str, Any], trace: Optional[Callable[[Any], Any]],
+    contracting: Optional[Mapping[str, Sequence[int]]],
+) -> Optional[dict[Path, Any]]:
+    """``{kernel path: contracted axes}`` from ``trace`` (a function of ``params``) and the ``contracting``
+    declarations (dotted kernel or module paths), or None when neither is given.
+
+    Example:
+        >>> import numpy as np
+        >>> tree = {"q": {"w": np.zeros((2, 8, 4))}}
+        >>> model_contractions(tree, tree, None, {"q": [1]})
+        {('q', 'w'): (1,)}
+    """
+    if trace is None and not contracting:
+        return None
+    from .trace import contractions
+
+    found: dict[Path, Any] = dict(contractions(params, trace)) if trace is not None else {}
+    for name, axes in (contracting or {}).items():
+        path = tuple(name.split(".")) if name else ()
+        node = get_path(inner, path, "kernel or module (in contracting=)")
+        if isinstance(node, Mapping):
+            leaf = next((k for k in KERNEL_LEAVES if k in node and not isinstance(node[k], Mapping)), None)
+            if leaf is None:
+                raise ValueError(f"fourierft_jax: contracting={{{name!r}: ...}} names a module without a kernel "
+                                 f"leaf ({'/'.join(KERNEL_LEAVES)})")
+            path, node = path + (leaf,), node[leaf]
+        ndim = len(getattr(node, "shape", ()))
+        axes = tuple(sorted({int(a) % ndim if ndim else int(a) for a in axes}))
+        if not axes or len(axes) >= ndim:
+            raise ValueError(f"fourierft_jax: contracting={{{name!r}: {list(axes)}}} must name some but not all "
+                             f"axes of a {ndim}-D kernel")
+        found[path] = axes
+    return found
 
 
 def init_state(

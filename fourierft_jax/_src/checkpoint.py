@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
@@ -20,12 +19,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import bridge
-from bridge._src.atomic import replace_directory
-from bridge._src.checkpoint import CheckpointError
+from bridge._src.atomic import replace_directory, temporary_path, temporary_sibling
+from bridge._src.folders import CheckpointError
 from bridge._src.orbax_format import FORMAT_TAG, FORMAT_VERSION, METADATA_NAME, STATE_DIR, read_metadata
 
 from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
-from .saved import STACK_FIELDS, SavedAdapter, SavedSource, as_saved, flat_leaves, layer_spec, stack_fields
+from .saved import STACK_FIELDS, SavedAdapter, SavedSource, as_saved, layer_spec, stack_fields
+from .saved_common import flat_leaves
 from .tree import dotted
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -92,9 +92,7 @@ def save_adapter(
         "save_paths": [list(path) for path in saved.spec.save_paths],
         "tensors": [entry for entry, _ in entries],
     }
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    temporary = _temporary_sibling(parent, os.path.basename(target))
+    temporary = _temporary_sibling(target)
     lead = jax.process_index() == 0
     try:
         checkpointer = ocp.StandardCheckpointer()
@@ -116,16 +114,17 @@ def save_adapter(
     return target
 
 
-def _temporary_sibling(parent: str, name: str) -> str:
-    """A fresh temporary folder next to the target; with several processes, the same one for all of them."""
+def _temporary_sibling(target: str) -> str:
+    """A fresh temporary folder next to ``target``; with several processes, the same one for all of them."""
     if jax.process_count() == 1:
-        return tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        return temporary_sibling(target)
     from jax.experimental import multihost_utils
 
     token = int(multihost_utils.broadcast_one_to_all(np.int32(int.from_bytes(os.urandom(3), "little"))))
-    path = os.path.join(parent, f".{name}.tmp-{token:06x}")
     if jax.process_index() == 0:
-        os.makedirs(path)
+        path = temporary_sibling(target, token=f"{token:06x}")
+    else:
+        path = temporary_path(target, f"{token:06x}")
     _sync("fourierft_jax.save_adapter: temporary folder")
     return path
 
@@ -144,7 +143,7 @@ def load_adapter(directory: PathLike, *, sharding: Optional[jax.sharding.Shardin
 
     Every tensor is restored with ``sharding`` (e.g. ``NamedSharding(mesh, P())`` to replicate the adapter over
     a mesh), whatever mesh it was saved from; by default onto the default device. A missing, truncated or
-    inconsistent checkpoint raises ``bridge._src.checkpoint.CheckpointError`` naming the folder and what is
+    inconsistent checkpoint raises ``bridge._src.folders.CheckpointError`` naming the folder and what is
     wrong.
 
     Example:
@@ -158,7 +157,17 @@ def load_adapter(directory: PathLike, *, sharding: Optional[jax.sharding.Shardin
     folder = os.path.abspath(os.fspath(directory))
     metadata = read_metadata(folder)
     config = metadata["config"]
-    tensors = metadata["tensors"]
+    restored = _restore_tensors(folder, metadata["tensors"], sharding)
+    groups = _group_tensors(folder, metadata["tensors"], restored)
+    spec = _saved_spec(folder, metadata, config)
+    _check_complete(folder, spec, groups)
+    state = {SPECTRA: groups[SPECTRA], BIAS: groups[BIAS], MODULES_TO_SAVE: groups[MODULES_TO_SAVE]}
+    return SavedAdapter(config, spec, state, groups["originals"])
+
+
+def _restore_tensors(folder: str, tensors: list[dict[str, Any]],
+                     sharding: Optional[jax.sharding.Sharding]) -> dict[str, Any]:
+    """``{tensor id: array}`` of the checkpoint's ``state/``, each placed with ``sharding``."""
     # Without a target sharding Orbax would reuse the saving mesh, which need not exist in this process.
     sharding = sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
@@ -166,19 +175,22 @@ def load_adapter(directory: PathLike, *, sharding: Optional[jax.sharding.Shardin
                     for t in tensors}
     except TypeError as error:
         raise CheckpointError(f"{folder}: bad tensor dtype in {METADATA_NAME}: {error}") from None
-    if abstract:
-        checkpointer = ocp.StandardCheckpointer()
-        try:
-            restored = checkpointer.restore(os.path.join(folder, STATE_DIR), abstract)
-        except Exception as error:  # Orbax/tensorstore raise many types for missing or truncated data
-            raise CheckpointError(
-                f"{folder}: cannot read the tensors in {STATE_DIR}/ (incomplete or corrupt checkpoint): "
-                f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-            ) from None
-        finally:
-            checkpointer.close()
-    else:
-        restored = {}
+    if not abstract:
+        return {}
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return checkpointer.restore(os.path.join(folder, STATE_DIR), abstract)
+    except Exception as error:  # Orbax/tensorstore raise many types for missing or truncated data
+        raise CheckpointError(
+            f"{folder}: cannot read the tensors in {STATE_DIR}/ (incomplete or corrupt checkpoint): "
+            f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        ) from None
+    finally:
+        checkpointer.close()
+
+
+def _group_tensors(folder: str, tensors: list[dict[str, Any]], restored: Mapping[str, Any]) -> dict[str, dict]:
+    """The restored arrays as ``{group: {module: array or nested dict}}``, each checked against its entry."""
     groups: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
     for entry in tensors:
         value = restored[entry["id"]]
@@ -195,6 +207,11 @@ def load_adapter(directory: PathLike, *, sharding: Optional[jax.sharding.Shardin
         for key in rel[:-1]:
             node = node.setdefault(key, {})
         node[rel[-1]] = value
+    return groups
+
+
+def _saved_spec(folder: str, metadata: Mapping[str, Any], config: bridge.FourierFTConfig) -> AdapterSpec:
+    """The ``AdapterSpec`` the metadata records (layers with their stack fields, bias and module paths)."""
     try:
         layers = tuple(
             layer_spec(tuple(layer["path"]), layer["in_features"], layer["out_features"], layer["n_frequency"],
@@ -203,19 +220,21 @@ def load_adapter(directory: PathLike, *, sharding: Optional[jax.sharding.Shardin
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{folder}: bad layer entry in {METADATA_NAME}: {error}") from None
-    spec = AdapterSpec(layers, tuple(tuple(p) for p in metadata.get("bias_paths", [])),
+    return AdapterSpec(layers, tuple(tuple(p) for p in metadata.get("bias_paths", [])),
                        tuple(tuple(p) for p in metadata.get("save_paths", [])), config.bias)
-    missing = [layer.name for layer in layers if layer.name not in groups[SPECTRA]]
+
+
+def _check_complete(folder: str, spec: AdapterSpec, groups: Mapping[str, Mapping[str, Any]]) -> None:
+    """Every layer, bias and module the spec names has its tensor, and every spectrum its layer's shape."""
+    missing = [layer.name for layer in spec.layers if layer.name not in groups[SPECTRA]]
     missing += [dotted(p) for p in spec.bias_paths if dotted(p) not in groups[BIAS]]
     missing += [dotted(p) for p in spec.save_paths if dotted(p) not in groups[MODULES_TO_SAVE]]
     if missing:
         raise CheckpointError(f"{folder}: {METADATA_NAME} lists {missing} without their tensors (corrupt checkpoint)")
     wrong = [f"{layer.name!r} {tuple(groups[SPECTRA][layer.name].shape)} (expected {layer.spectrum_shape})"
-             for layer in layers if tuple(groups[SPECTRA][layer.name].shape) != layer.spectrum_shape]
+             for layer in spec.layers if tuple(groups[SPECTRA][layer.name].shape) != layer.spectrum_shape]
     if wrong:
         raise CheckpointError(f"{folder}: spectra of the wrong shape for their layers: {', '.join(wrong)}")
-    state = {SPECTRA: groups[SPECTRA], BIAS: groups[BIAS], MODULES_TO_SAVE: groups[MODULES_TO_SAVE]}
-    return SavedAdapter(config, spec, state, groups["originals"])
 
 
 class TrainingCheckpoints:

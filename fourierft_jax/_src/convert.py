@@ -1,10 +1,10 @@
 """JAX adapters to and from PEFT adapter directories (which ``peft`` and ``fourierft_torch`` load).
 
 Names: a JAX module's dotted path is its torch name unless a ``bridge.NameMap`` says otherwise. Layouts: spectra
-and biases are the same vectors in both frameworks (SPEC §3); a ``modules_to_save`` Dense ``kernel`` ``(in, out)``
+and biases are the same vectors in both frameworks (docs/format.md, "Layouts"); a ``modules_to_save`` Dense ``kernel`` ``(in, out)``
 is torch's ``weight`` ``(out, in)`` (not transposed for a transformers ``Conv1D``, stored ``(in, out)``), and
 ``embedding``/``scale`` are torch's ``weight``. Keys, shapes and the file itself come from
-``bridge.peft_format`` (one implementation of PEFT's format). Values are copied bit for bit, dtypes kept.
+``bridge._src.peft_format`` (one implementation of PEFT's format). Values are copied bit for bit, dtypes kept.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ from typing import Any, Callable, Collection, Mapping, Optional, Union
 import numpy as np
 
 import bridge
-from bridge._src.checkpoint import CheckpointError, select_adapter
+from bridge._src.config import CONFIG_NAME
+from bridge._src.folders import Adapter, CheckpointError, select_adapter
 from bridge._src.names import NameMap, map_config_names
+from bridge._src.peft_format import KEY_PREFIX, adapter_keys, modules_to_save_names
 from bridge._src.peft_format import ORIGINAL as KIND_ORIGINAL
 from bridge._src.peft_format import SPECTRUM as KIND_SPECTRUM
 
 from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
-from .saved import SavedAdapter, SavedSource, as_saved, attach, flat_leaves, layer_spec, node_paths
+from .saved import SavedAdapter, SavedSource, as_saved, attach, layer_spec, node_paths
+from .saved_common import flat_leaves
 from .targets import Stacks
 from .tree import Path, dotted
 from .unroll import as_stacked, stack_table, unroll
@@ -64,18 +67,70 @@ def peft_tensors(
     name_map = name_map or NameMap()
     saved = unroll(saved, stacked)
     spec = saved.spec
-    owners: dict[str, Path] = {}  # JAX names of every module a tensor belongs to
+    owners, members = _tensor_owners(saved)
+    torch_names = name_map.to_torch_names(owners)
+    _check_saved_modules_stay_whole(spec, owners, torch_names)
+    values, originals = _trained_tensors(saved, owners, members, torch_names, conv1d)
+    shapes = {name: tuple(array.shape) for name, array in values.items()}
+    targets = [
+        bridge.TargetLayer(torch_names[layer.name], bridge.LINEAR, layer.out_features, layer.in_features,
+                           layer.n_frequency)
+        for layer in spec.layers
+    ]
+    saved_torch = [torch_names[dotted(path)] for path in spec.save_paths]
+    config = saved.config
+    if not name_map.is_identity:
+        config = map_config_names(config, torch_names, {l.name: l.n_frequency for l in spec.layers},
+                                  [dotted(p) for p in spec.save_paths])
+    keys = adapter_keys(config, targets, shapes, saved_torch, adapted_layers=[t.name for t in targets])
+    spectra = {torch_names[layer.name]: saved.state[SPECTRA][layer.name] for layer in spec.layers}
+    return config, _file_tensors(keys, spectra, values, originals)
+
+
+def _file_tensors(keys: list, spectra: Mapping[str, Any], values: Mapping[str, np.ndarray],
+                  originals: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{PEFT key: array}`` for each key PEFT writes, from the spectra by torch layer name and the trained and
+    original tensors by their torch name in the base model."""
+    tensors: dict[str, np.ndarray] = {}
+    for key in keys:
+        if key.kind == KIND_SPECTRUM:
+            tensors[key.key] = _numpy(spectra[key.module])
+        elif key.kind == KIND_ORIGINAL:
+            name = f"{key.module}.{key.param}"
+            if name not in originals:
+                raise bridge.AdapterFormatError(
+                    f"PEFT stores the original (untrained) {name!r} of module_to_save {key.module!r} with "
+                    f"bias='all', and this adapter does not hold it: export with params=<the base parameters> "
+                    f"(fourierft convert: --base MODEL)"
+                )
+            tensors[key.key] = originals[name]
+        else:  # KIND_BIAS and KIND_MODULE: trained tensors, by their name in the base model
+            name = f"{key.module}.{key.param}" if key.module else key.param
+            tensors[key.key] = values[name]
+    return tensors
+
+
+def _tensor_owners(saved: SavedAdapter) -> tuple[dict[str, Path], list[tuple[str, Path, str]]]:
+    """``{JAX name: path}`` of every module a tensor belongs to (adapted layers, biases, ``modules_to_save`` and
+    their sub-modules), and each ``modules_to_save`` leaf as ``(saved module, relative owner path, flax leaf)``."""
+    spec = saved.spec
+    owners: dict[str, Path] = {}
     for layer in spec.layers:
         owners[layer.name] = layer.path
     for path in spec.bias_paths:
         owners[dotted(path)] = path
-    members: list[tuple[str, Path, str]] = []  # (saved module, relative owner path, flax leaf)
+    members: list[tuple[str, Path, str]] = []
     for path in spec.save_paths:
         owners[dotted(path)] = path
         for rel, _ in flat_leaves(saved.state[MODULES_TO_SAVE][dotted(path)]):
             owners[dotted(path + rel[:-1])] = path + rel[:-1]
             members.append((dotted(path), rel[:-1], rel[-1]))
-    torch_names = name_map.to_torch_names(owners)
+    return owners, members
+
+
+def _check_saved_modules_stay_whole(spec: AdapterSpec, owners: Mapping[str, Path],
+                                    torch_names: Mapping[str, str]) -> None:
+    """Every sub-module of a ``modules_to_save`` module must keep its torch name under that module's."""
     for path in spec.save_paths:
         top = torch_names[dotted(path)]
         for name, owner in owners.items():
@@ -84,7 +139,13 @@ def peft_tensors(
                     f"name map puts {name!r} at {torch_names[name]!r}, outside its module_to_save {top!r}"
                 )
 
-    values: dict[str, np.ndarray] = {}  # trained tensors by their torch name in the base model
+
+def _trained_tensors(
+    saved: SavedAdapter, owners: Mapping[str, Path], members: list[tuple[str, Path, str]],
+    torch_names: Mapping[str, str], conv1d: Conv1DRule,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The trained tensors (``modules_to_save`` members, biases) and the original ``modules_to_save`` biases, each
+    ``{torch tensor name in the base model: array in torch's layout}``."""
 
     def put_member(module: str, rel: Path, leaf: str, value: Any, table: dict) -> None:
         owner = torch_names[dotted(owners[module] + rel)]
@@ -98,48 +159,19 @@ def peft_tensors(
             )
         table[f"{owner}.{_TORCH_LEAF.get(leaf, leaf)}"] = array
 
+    values: dict[str, np.ndarray] = {}
     for module, rel, leaf in members:
         node = saved.state[MODULES_TO_SAVE][module]
         for key in rel + (leaf,):
             node = node[key]
         put_member(module, rel, leaf, node, values)
-    for path in spec.bias_paths:
+    for path in saved.spec.bias_paths:
         values[f"{torch_names[dotted(path)]}.bias"] = _numpy(saved.state[BIAS][dotted(path)])
-    shapes = {name: tuple(array.shape) for name, array in values.items()}
     originals: dict[str, np.ndarray] = {}
     for module, tree in saved.originals.items():
         for rel, value in flat_leaves(tree):
             put_member(module, rel[:-1], rel[-1], value, originals)
-
-    targets = [
-        bridge.TargetLayer(torch_names[layer.name], bridge.LINEAR, layer.out_features, layer.in_features,
-                           layer.n_frequency)
-        for layer in spec.layers
-    ]
-    saved_torch = [torch_names[dotted(path)] for path in spec.save_paths]
-    config = saved.config
-    if not name_map.is_identity:
-        config = map_config_names(config, torch_names, {l.name: l.n_frequency for l in spec.layers},
-                                  [dotted(p) for p in spec.save_paths])
-    keys = bridge.adapter_keys(config, targets, shapes, saved_torch, adapted_layers=[t.name for t in targets])
-    layer_of = {torch_names[layer.name]: layer.name for layer in spec.layers}
-    tensors: dict[str, np.ndarray] = {}
-    for key in keys:
-        if key.kind == KIND_SPECTRUM:
-            tensors[key.key] = _numpy(saved.state[SPECTRA][layer_of[key.module]])
-        elif key.kind == KIND_ORIGINAL:
-            name = f"{key.module}.{key.param}"
-            if name not in originals:
-                raise bridge.AdapterFormatError(
-                    f"PEFT stores the original (untrained) {name!r} of module_to_save {key.module!r} with "
-                    f"bias='all', and this adapter does not hold it: export with params=<the base parameters> "
-                    f"(fourierft convert: --base MODEL)"
-                )
-            tensors[key.key] = originals[name]
-        else:  # KIND_BIAS and KIND_MODULE: trained tensors, by their name in the base model
-            name = f"{key.module}.{key.param}" if key.module else key.param
-            tensors[key.key] = values[name]
-    return config, tensors
+    return values, originals
 
 
 def export_peft(
@@ -186,7 +218,7 @@ def export_peft(
     saved = as_saved(source, adapter_name=adapter_name, params=params, config=config)
     peft_config, tensors = peft_tensors(saved, name_map, conv1d, stacked)
     target = os.fspath(directory)
-    if os.path.exists(os.path.join(target, bridge.CONFIG_NAME)) and not overwrite:
+    if os.path.exists(os.path.join(target, CONFIG_NAME)) and not overwrite:
         raise FileExistsError(f"{target} already holds an adapter: pass overwrite=True to replace it")
     if os.path.exists(target) and not os.path.isdir(target):
         raise FileExistsError(f"{target} exists and is not a folder")
@@ -246,14 +278,39 @@ def read_peft(
             f"{opened.directory}: a PEFT adapter does not record its layer shapes; give the JAX params (or the "
             f"base model's shapes, e.g. `fourierft convert --base MODEL`)"
         )
+    saved_torch, member_of, bias_modules = _classify_tensors(opened)
+    owners = {layer.name for layer in opened.layers} | set(bias_modules) | set(saved_torch)
+    owners |= {name.rsplit(".", 1)[0] for name in member_of}
+    owners.discard("")
     known = node_paths(params) if params is not None else None
-    # Which module each replaced tensor belongs to: modules_to_save members, else biases.
+    flax_names = name_map.to_flax_names(sorted(owners), known_flax=known)
+
+    def path_of(torch_name: str) -> Path:
+        flax_name = flax_names[torch_name]
+        return known[flax_name] if known is not None else tuple(flax_name.split("."))
+
+    layers = _layer_specs(opened, params, shapes, path_of)
+    spectra = {layer.name: _read_tensor(file, peft.key) for layer, peft in zip(layers, opened.layers)}
+    biases = {dotted(path_of(m)): _read_tensor(file, opened.tensors[m + ".bias"]) for m in bias_modules}
+    modules = _read_saved_modules(opened, member_of, params, path_of, conv1d)
+    originals = _read_originals(file, flax_names, path_of)
+    spec = AdapterSpec(tuple(layers), tuple(path_of(m) for m in bias_modules), tuple(path_of(m) for m in saved_torch),
+                       config.bias)
+    if not name_map.is_identity:
+        config = map_config_names(config, flax_names, {l.name: l.n_frequency for l in opened.layers}, saved_torch)
+    file.close()
+    return SavedAdapter(config, spec, {SPECTRA: spectra, BIAS: biases, MODULES_TO_SAVE: modules}, originals)
+
+
+def _classify_tensors(opened: Adapter) -> tuple[list[str], dict[str, str], list[str]]:
+    """Which module each replaced tensor of a PEFT adapter belongs to: the ``modules_to_save`` modules present
+    (torch names), ``{tensor: its modules_to_save module}`` and the modules whose bias is stored."""
+    config, file = opened.config, opened.file
     tensor_names = list(opened.tensors)
     prefixes = {".".join(name.split(".")[:i]) for name in tensor_names for i in range(1, name.count(".") + 1)}
-    saved_torch = bridge.modules_to_save_names(config, sorted(prefixes))
-    layer_names = [layer.name for layer in opened.layers]
-    member_of = {}
-    bias_modules = []
+    saved_torch = modules_to_save_names(config, sorted(prefixes))
+    member_of: dict[str, str] = {}
+    bias_modules: list[str] = []
     for name in tensor_names:
         parent = next((m for m in saved_torch if name.startswith(m + ".")), None)
         if parent is not None:
@@ -265,15 +322,13 @@ def read_peft(
                 f"{file.path}: tensor {name!r} is neither a bias nor part of a modules_to_save module "
                 f"({config.modules_to_save}); not a FourierFT adapter this converter understands"
             )
-    owners = set(layer_names) | set(bias_modules) | set(saved_torch)
-    owners |= {name.rsplit(".", 1)[0] for name in member_of}
-    owners.discard("")
-    flax_names = name_map.to_flax_names(sorted(owners), known_flax=known)
+    return saved_torch, member_of, bias_modules
 
-    def path_of(torch_name: str) -> Path:
-        flax_name = flax_names[torch_name]
-        return known[flax_name] if known is not None else tuple(flax_name.split("."))
 
+def _layer_specs(opened: Adapter, params: Optional[Mapping[str, Any]],
+                 shapes: Optional[Mapping[str, tuple[int, int]]], path_of: Callable[[str], Path]) -> list:
+    """One ``LayerSpec`` per adapted layer of the file, its shape from ``params`` (the Dense kernel) or
+    ``shapes``; every layer that does not fit is named in one ``AdapterFormatError``."""
     layers = []
     problems = []
     for layer in opened.layers:
@@ -294,12 +349,16 @@ def read_peft(
             problems.append(f"layer {layer.name!r}: spectrum has shape ({layer.n_frequency},) but the layer "
                             f"{out_features} x {in_features} has room for {in_features * out_features} coefficients")
             continue
-        layers.append(layer_spec(path, in_features, out_features, layer.n_frequency, config))
+        layers.append(layer_spec(path, in_features, out_features, layer.n_frequency, opened.config))
     if problems:
         raise bridge.AdapterFormatError(f"adapter {opened.directory} does not fit the model: " + "; ".join(problems))
+    return layers
 
-    spectra = {layer.name: _read_tensor(file, peft.key) for layer, peft in zip(layers, opened.layers)}
-    biases = {dotted(path_of(m)): _read_tensor(file, opened.tensors[m + ".bias"]) for m in bias_modules}
+
+def _read_saved_modules(opened: Adapter, member_of: Mapping[str, str], params: Optional[Mapping[str, Any]],
+                        path_of: Callable[[str], Path], conv1d: Conv1DRule) -> dict[str, Any]:
+    """The trained ``modules_to_save`` tensors as ``{JAX module: nested dict of Flax leaves}`` (kernels transposed
+    back to ``(in, out)`` unless stored like a ``Conv1D``)."""
     modules: dict[str, Any] = {}
     for name, module in member_of.items():
         owner_torch, torch_leaf = name.rsplit(".", 1)
@@ -307,7 +366,7 @@ def read_peft(
         if owner[: len(top)] != top:
             raise bridge.AdapterFormatError(f"name map puts {owner_torch!r} at {dotted(owner)!r}, outside its "
                                             f"module_to_save {dotted(top)!r}")
-        array = _read_tensor(file, opened.tensors[name])
+        array = _read_tensor(opened.file, opened.tensors[name])
         leaf = _flax_leaf(params, owner, torch_leaf, array, name)
         if leaf == "kernel" and not _is_conv1d(conv1d, owner_torch):
             array = np.ascontiguousarray(array.T)
@@ -315,10 +374,17 @@ def read_peft(
         for key in owner[len(top):]:
             node = node.setdefault(key, {})
         node[leaf] = array
+    return modules
+
+
+def _read_originals(file: Any, flax_names: Mapping[str, str], path_of: Callable[[str], Path]) -> dict[str, Any]:
+    """PEFT's ``<module>.original_module.<rest>`` tensors (``bias="all"`` with ``modules_to_save``) as
+    ``{JAX module: nested dict}``; those of sub-modules without a name mapping are skipped (PEFT restores them
+    from the base model)."""
     originals: dict[str, Any] = {}
     marker = ".original_module."
     for key in file.keys():
-        rest = key[len(bridge.KEY_PREFIX):]
+        rest = key[len(KEY_PREFIX):]
         if marker in f".{rest}":
             module, member = rest.split("original_module.", 1)
             module = module.rstrip(".")
@@ -330,12 +396,7 @@ def read_peft(
             for part in owner[len(top):]:
                 node = node.setdefault(part, {})
             node[member.rsplit(".", 1)[-1]] = _read_tensor(file, key)
-    spec = AdapterSpec(tuple(layers), tuple(path_of(m) for m in bias_modules), tuple(path_of(m) for m in saved_torch),
-                       config.bias)
-    if not name_map.is_identity:
-        config = map_config_names(config, flax_names, {l.name: l.n_frequency for l in opened.layers}, saved_torch)
-    file.close()
-    return SavedAdapter(config, spec, {SPECTRA: spectra, BIAS: biases, MODULES_TO_SAVE: modules}, originals)
+    return originals
 
 
 def _subtree(params: Mapping[str, Any], path: Path) -> Any:

@@ -1,8 +1,8 @@
 """``ΔW`` of one layer in the Flax kernel layout ``(in, out)`` (a stack: the stored layout), built in float32.
 
-``ΔWᵀ = scaling · Re(ifft2(Sᵀ))`` (SPEC §1, §3). The default builds it with ``irfft2`` of the
-Hermitian-symmetrised half spectrum (half the FFT work, no complex ``in × out`` buffer); ``method="ifft2"`` is
-the plain form, kept as a cross-check.
+``ΔWᵀ = scaling · Re(ifft2(Sᵀ))``. The default builds it with ``irfft2`` of the Hermitian-symmetrised half
+spectrum (half the FFT work, no complex ``in × out`` buffer; the scatter indices are bridge's
+``plans.delta_scatter``); ``method="ifft2"`` is the plain form, kept as a cross-check.
 """
 
 from __future__ import annotations
@@ -13,27 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bridge._src.plans import layer_plans
+
 from .layer import LayerSpec
 
 METHODS = ("irfft2", "ifft2")
 
 
-@functools.lru_cache(maxsize=None)
 def _half_spectrum_scatter(layer: LayerSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Coefficient k at (a, b) of the (in, out) spectrum contributes c/2 at (a, b) and c/2 at its Hermitian
-    # partner (-a, -b); only the entries landing in the kept half (column <= out // 2) are stored.
-    rows, cols = (np.asarray(i, dtype=np.int64) for i in layer.kernel_indices)
-    n_rows, n_cols = layer.kernel_shape
-    half = n_cols // 2
-    partner_rows, partner_cols = (-rows) % n_rows, (-cols) % n_cols
-    source = np.arange(rows.shape[0])
-    keep, keep_partner = cols <= half, partner_cols <= half
-    out_rows = np.concatenate([rows[keep], partner_rows[keep_partner]])
-    out_cols = np.concatenate([cols[keep], partner_cols[keep_partner]])
-    out_source = np.concatenate([source[keep], source[keep_partner]])
-    for array in (out_rows, out_cols, out_source):
-        array.setflags(write=False)
-    return out_rows, out_cols, out_source
+    """Rows, columns (``<= out // 2``) and source coefficient of ``ΔWᵀ``'s half spectrum (bridge's plan, shared)."""
+    scatter = layer_plans(layer.out_features, layer.in_features, layer.n_frequency, layer.seed, "flax").delta
+    return scatter.rows, scatter.cols, scatter.source
 
 
 def delta_kernel(spectrum: jax.Array, layer: LayerSpec, method: str = "irfft2") -> jax.Array:
@@ -61,8 +51,28 @@ def delta_kernel(spectrum: jax.Array, layer: LayerSpec, method: str = "irfft2") 
 def _delta_kernel(spectrum: jax.Array, layer: LayerSpec, method: str) -> jax.Array:
     # Jitted so that eager merges compile once per layer shape rather than once per op.
     if not layer.stacked:
-        return _one_delta(spectrum, layer, method)
-    return stack_rows(jax.vmap(lambda row: _one_delta(row, layer.unstacked, method))(spectrum), layer)
+        return matrix_to_dims(_one_delta(spectrum, layer.flat, method), layer)
+    one = layer.unstacked
+    return stack_rows(jax.vmap(lambda row: matrix_to_dims(_one_delta(row, one.flat, method), one))(spectrum), layer)
+
+
+def matrix_to_dims(matrix: jax.Array, layer: LayerSpec) -> jax.Array:
+    """An ``(in, out)`` matrix of ``layer``'s 2-D view laid out as its stored kernel ``layer.dims``.
+
+    The matrix's ``in`` is the contracted axes flattened in kernel order, ``out`` the kept ones; this puts every
+    axis back where the kernel has it.
+
+    Example:
+        >>> layer = LayerSpec(("q",), 2, 12, 1, 1.0, 0, kernel_dims=(3, 2, 4), in_axes=(1,))
+        >>> matrix_to_dims(jnp.arange(24.0).reshape(2, 12), layer)[:, 1, 0].tolist()
+        [12.0, 16.0, 20.0]
+    """
+    if layer.is_matrix:
+        return matrix
+    dims, inside, kept = layer.dims, layer.contracted, layer.out_axes
+    split = matrix.reshape(tuple(dims[a] for a in inside) + tuple(dims[a] for a in kept))
+    order = inside + kept
+    return jnp.transpose(split, tuple(order.index(a) for a in range(len(dims))))
 
 
 def stack_rows(rows: jax.Array, layer: LayerSpec) -> jax.Array:

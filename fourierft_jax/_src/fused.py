@@ -41,24 +41,22 @@ import numpy as np
 
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from bridge._src.plans import fold, layer_plans
+
 from .delta import delta_kernel_f32
 from .layer import LayerSpec
 from .sharding import _dim_axes, _divides, _phase, sharded_delta
 
 
-@functools.lru_cache(maxsize=None)
 def _grad_plan(layer: LayerSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    # X̂[col] of a real signal is rfft[col] for col <= in//2, else conj(rfft[in - col]); the same for Ŷ[row].
-    rows, cols = (np.asarray(i, dtype=np.int64) for i in layer.torch_indices)
-    n_in, n_out = layer.in_features, layer.out_features
-    col_low, row_low = cols <= n_in // 2, rows <= n_out // 2
-    col_half = np.where(col_low, cols, n_in - cols).astype(np.int32)
-    row_half = np.where(row_low, rows, n_out - rows).astype(np.int32)
-    # Re(a·b) = Re a Re b − Im a Im b; one conjugated factor flips the sign of the second product.
-    sign = np.where(col_low == row_low, 1.0, -1.0).astype(np.float32)
-    for array in (col_half, row_half, sign):
-        array.setflags(write=False)
-    return col_half, row_half, sign, float(layer.scaling) / (n_in * n_out)
+    """``(col_half, row_half, sign, scale)``: bridge's ``GradPlan`` of ``layer`` as the int32/float32 arrays used here.
+
+    ``∂L/∂c_k = scale · Σ_b (Re Ŷ Re X̂ − sign_k · Im Ŷ Im X̂)`` with ``X̂ = rfft(x)[:, col_half]`` and
+    ``Ŷ = rfft(dy)[:, row_half]``.
+    """
+    plan = layer_plans(layer.out_features, layer.in_features, layer.n_frequency, layer.seed, "flax").grad
+    scale = float(layer.scaling) / (layer.in_features * layer.out_features)
+    return plan.in_index.astype(np.int32), plan.out_index.astype(np.int32), plan.sign.astype(np.float32), scale
 
 
 def _check(x: jax.Array, kernel: jax.Array, spectra: Sequence[jax.Array], layers: Sequence[LayerSpec]) -> None:
@@ -140,10 +138,6 @@ def _matmul(x: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
-# Measurement switch (benchmarks only): keep W + ΔW alive between the passes instead of rebuilding it.
-KEEP_EFFECTIVE = False
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _fused(
     x: jax.Array, kernel: jax.Array, spectra: tuple, layers: tuple, precision: Any, sharding: Optional[Sharding]
@@ -152,15 +146,13 @@ def _fused(
 
 
 def _fused_fwd(x, kernel, spectra, layers, precision, sharding):
-    effective = _effective_kernel(kernel, spectra, layers, sharding)
-    kept = effective if KEEP_EFFECTIVE else None
-    return _matmul(x, effective, precision), (x, kernel, spectra, kept)
+    # Only the inputs are kept: W + ΔW is rebuilt in the backward pass (no weight-sized residual per layer).
+    return _matmul(x, _effective_kernel(kernel, spectra, layers, sharding), precision), (x, kernel, spectra)
 
 
 def _fused_bwd(layers, precision, sharding, residuals, dy):
-    x, kernel, spectra, effective = residuals
-    if effective is None:
-        effective = _effective_kernel(kernel, spectra, layers, sharding)
+    x, kernel, spectra = residuals
+    effective = _effective_kernel(kernel, spectra, layers, sharding)
     # dx = dy @ (W + ΔW)ᵀ, contracting the output features.
     dx = jax.lax.dot_general(dy, effective.astype(dy.dtype), (((dy.ndim - 1,), (1,)), ((), ())),
                              precision=precision).astype(x.dtype)
@@ -271,10 +263,9 @@ def _block_spectrum(
     re_out, im_out = [], []
     for pos in positions:
         pos = np.asarray(pos, np.int64)
-        # A real signal's bin p above length//2 is the conjugate of bin length - p.
-        low = pos <= length // 2
-        picked = spectrum[:, np.where(low, pos, length - pos).astype(np.int32)]
-        re, im = picked.real, jnp.where(low, 1.0, -1.0) * picked.imag
+        folded = fold(pos, length)  # bin p of the real block's FFT, read from its rfft
+        picked = spectrum[:, folded.index.astype(np.int32)]
+        re, im = picked.real, folded.sign.astype(np.float32) * picked.imag
         if axes:
             # The block starts at i0: multiply by e^{-2πi p i0/length}.
             cos, sin = _phase(pos, length, start, 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Optional
 
 import numpy as np
@@ -47,8 +48,21 @@ class LayerSpec:
     stack_size: int = 0
     stack_ids: tuple[int, ...] = ()
     stack_depth: int = 0
+    kernel_leaf: str = "kernel"
+    kernel_dims: tuple[int, ...] = ()
+    in_axes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.kernel_dims or self.in_axes:
+            dims, axes = self.kernel_dims, self.in_axes
+            if (not axes or list(axes) != sorted(set(axes)) or axes[0] < 0 or axes[-1] >= len(dims)
+                    or len(axes) == len(dims)):
+                raise ValueError(f"LayerSpec {self.name!r}: contracted axes {axes} of a kernel {dims} must be sorted, "
+                                 "distinct, and leave at least one kept axis")
+            if (math.prod(dims[a] for a in axes) != self.in_features
+                    or math.prod(dims[a] for a in self.out_axes) != self.out_features):
+                raise ValueError(f"LayerSpec {self.name!r}: kernel {dims} contracted on {axes} is not an "
+                                 f"({self.in_features}, {self.out_features}) matrix")
         if self.stack_axis is None:
             return
         if self.stack_axis not in (0, 1, 2) or not 0 < self.stack_depth <= len(self.path):
@@ -97,8 +111,43 @@ class LayerSpec:
 
     @property
     def kernel_shape(self) -> tuple[int, int]:
-        """One layer's kernel ``(in, out)`` (for a stack: one row of it)."""
+        """One layer's kernel as a matrix ``(in, out)`` (for a stack: one row of it; N-D: its 2-D view)."""
         return (self.in_features, self.out_features)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """One layer's kernel as stored: ``kernel_dims`` for an N-D kernel, else ``kernel_shape``."""
+        return self.kernel_dims or self.kernel_shape
+
+    @property
+    def contracted(self) -> tuple[int, ...]:
+        """The axes of ``dims`` that the model contracts with its input (the matrix's ``in``)."""
+        return self.in_axes or (0,)
+
+    @property
+    def out_axes(self) -> tuple[int, ...]:
+        """The axes of ``dims`` the contraction keeps (the matrix's ``out``), in kernel order."""
+        return tuple(a for a in range(len(self.dims)) if a not in self.contracted)
+
+    @property
+    def is_matrix(self) -> bool:
+        """Whether one layer's kernel is stored as the plain ``(in, out)`` matrix (a Dense kernel)."""
+        return self.dims == self.kernel_shape and self.contracted == (0,)
+
+    @property
+    def kernel_path(self) -> Path:
+        """Where the kernel array sits: ``path + (kernel_leaf,)``, or ``path`` itself for a bare array leaf."""
+        return self.path + (self.kernel_leaf,) if self.kernel_leaf else self.path
+
+    @property
+    def flat(self) -> "LayerSpec":
+        """This layer as the plain ``(in, out)`` matrix of its 2-D view (same positions and spectrum).
+
+        Example:
+            >>> LayerSpec(("q",), 8, 12, 3, 1.0, 0, kernel_dims=(8, 3, 4), in_axes=(0,)).flat.param_shape
+            (8, 12)
+        """
+        return dataclasses.replace(self, kernel_dims=(), in_axes=())
 
     @property
     def param_shape(self) -> tuple[int, ...]:
@@ -109,7 +158,7 @@ class LayerSpec:
             ...           stack_depth=1).param_shape
             (8, 5, 4)
         """
-        shape = list(self.kernel_shape)
+        shape = list(self.dims)
         if self.stacked:
             shape.insert(self.stack_axis, self.stack_size)
         return tuple(shape)

@@ -54,8 +54,9 @@ def _entry(state: Mapping[str, Any], group: str, key: str, adapter: str) -> Any:
 
 
 def check_kernel(inner: Mapping[str, Any], path: Path, shape: tuple[int, ...]) -> jax.Array:
-    """The kernel at ``path``, required to have the shape the adapter was built for (``LayerSpec.param_shape``)."""
-    kernel = get_path(inner, path + ("kernel",), "Dense kernel")
+    """The kernel at ``path`` (a ``LayerSpec.kernel_path``), required to have the shape the adapter was built for
+    (``LayerSpec.param_shape``)."""
+    kernel = get_path(inner, path, "kernel")
     if tuple(kernel.shape) != tuple(shape):
         raise ValueError(
             f"fourierft_jax: kernel of {dotted(path)!r} has shape {tuple(kernel.shape)}, but the adapter was built "
@@ -81,7 +82,7 @@ def substitute(params: Mapping[str, Any], trainable: Mapping[str, Any], static: 
     inner, rebuild = split_collection(params)
     for _, spec in static.adapters:
         for layer in spec.layers:
-            check_kernel(inner, layer.path, layer.param_shape)
+            check_kernel(inner, layer.kernel_path, layer.param_shape)
     return rebuild(replace_paths(inner, _full_updates(inner, trainable, static)))
 
 
@@ -118,11 +119,14 @@ def merge_params(
         state = adapter_state(trainable, name)
         for layer in spec.layers:
             path = layer.path + ("kernel",)
-            kernel = updates[path] if path in updates else check_kernel(inner, layer.path, layer.param_shape)
+            kernel = updates[path] if path in updates else check_kernel(inner, layer.kernel_path, layer.param_shape)
             spectrum = layer_spectrum(state, layer, name)
-            sharding = kernel_sharding(shardings, layer.path)
+            sharding = kernel_sharding(shardings, layer.path, layer.kernel_leaf)
             if sharding is None:
                 delta = delta_kernel(spectrum, layer, method)
+            elif not layer.unstacked.is_matrix:
+                # N-D kernels: XLA places the plain build (correct; the shard-local build is for matrices).
+                delta = jax.lax.with_sharding_constraint(delta_kernel(spectrum, layer, method), sharding)
             else:
                 delta = sharded_delta(spectrum, layer, sharding)
             kernel = jnp.asarray(kernel)

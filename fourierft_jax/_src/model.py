@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 import bridge
 
-from .adapter import AdapterSet, AdapterSpec, build_spec, init_state
+from .adapter import AdapterSet, AdapterSpec, build_spec, init_state, model_contractions
 from .intercept import DEFAULT_MODE, make_apply
 from .merge import DEFAULT_DELTA_METHOD, check_kernel, merge_params, substitute
 from .targets import Stacks
@@ -63,10 +63,12 @@ class FourierFTAdapter:
         model_type: Optional[str] = None,
         output_layer: Optional[str] = None,
         stacked: Stacks = None,
+        trace: Optional[Callable[[Any], Any]] = None,
+        contracting: Optional[Mapping[str, Sequence[int]]] = None,
     ) -> None:
         """Add a named adapter for ``params`` (validated fully before anything changes); it is not made active.
 
-        ``stacked`` names layer stacks as in ``fourierft_jax.apply``.
+        ``stacked``, ``trace`` and ``contracting`` as in ``fourierft_jax.apply``.
 
         Example:
             >>> import numpy as np, fourierft_jax
@@ -88,7 +90,9 @@ class FourierFTAdapter:
                 f"{self.configs[biased[0]].bias!r}); set bias='none' for {adapter_name!r}"
             )
         inner, _ = split_collection(params)
-        spec = build_spec(inner, config, model_type=model_type, output_layer=output_layer, stacked=stacked)
+        found = model_contractions(params, inner, trace, contracting)
+        spec = build_spec(inner, config, model_type=model_type, output_layer=output_layer, stacked=stacked,
+                          contractions=found)
         state = init_state(inner, spec, init_weights=config.init_weights, key=key)
         self.configs[adapter_name] = config
         self.specs[adapter_name] = spec
@@ -305,7 +309,7 @@ class FourierFTAdapter:
             inner, _ = split_collection(merged)
             for _, spec in static.adapters:
                 for layer in spec.layers:
-                    if not bool(jnp.isfinite(check_kernel(inner, layer.path, layer.param_shape)).all()):
+                    if not bool(jnp.isfinite(check_kernel(inner, layer.kernel_path, layer.param_shape)).all()):
                         raise ValueError(
                             f"fourierft_jax: NaN/inf in the merged kernel of {layer.name!r}; the adapter seems broken"
                         )
@@ -354,7 +358,7 @@ class FourierFTAdapter:
 
 
 def apply(
-    params: Mapping[str, Any],
+    params: Any,
     config: bridge.FourierFTConfig,
     *,
     key: Optional[jax.Array] = None,
@@ -362,11 +366,17 @@ def apply(
     model_type: Optional[str] = None,
     output_layer: Optional[str] = None,
     stacked: Stacks = None,
+    trace: Optional[Callable[[Any], Any]] = None,
+    contracting: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> FourierFTAdapter:
-    """Build a FourierFT adapter for the Dense kernels of a linen parameter tree that ``config`` targets.
+    """Build a FourierFT adapter for the projection kernels of a parameter pytree that ``config`` targets.
+
+    Module names are dotted parameter paths (``encoder.layer.0.attention.query``); a kernel stored under
+    ``kernel``, ``w``, ``weight`` or ``weights`` is named by its module, a bare array leaf by its own path.
 
     Args:
-        params: ``model.init(...)``'s variables or their ``params`` collection (not modified).
+        params: ``model.init(...)``'s variables or their ``params`` collection, or any parameter pytree
+            (``nnx.State``, dicts with integer keys, dataclass models); not modified.
         config: a ``FourierFTConfig`` (PEFT's fields and matching rules, on dotted parameter paths).
         key: JAX key drawing the N(0, 1) spectra (not needed with ``init_weights=True``).
         adapter_name: name of this first adapter.
@@ -376,10 +386,18 @@ def apply(
             path, a list of them, or ``{path: layer axis}`` (default axis 0). Layer ``i`` of stack
             ``encoder.layer`` is matched and exported as ``encoder.layer.<i>...``, as PEFT names the unrolled
             model; its spectra are one ``(layers, n)`` array per stacked kernel.
+        trace: a function of the parameters alone that runs the model (close over an example batch), traced
+            once, abstractly: each kernel's contracted axes are read from the ``dot_general`` that consumes it
+            (through casts, transposes, reshapes, ``jnp.einsum``, scans), so N-D ``DenseGeneral``/``Einsum``
+            kernels get their ``(out, in)`` matrix (out = kept axes, in = contracted axes, each flattened in
+            kernel order) and only arrays the model contracts count as linear layers (never an embedding).
+        contracting: ``{kernel or module path: contracted axes of the stored kernel}`` for code that cannot be
+            traced (overrides ``trace`` for those paths).
 
     Raises:
-        bridge.NoTargetError: nothing matched; TypeError: a target is not a 2-D Dense kernel; ValueError:
-        ``n_frequency`` exceeds ``in * out`` (each naming the path).
+        bridge.NoTargetError: nothing matched; TypeError: a target is not a linear layer's kernel (or an N-D
+        kernel without ``trace``/``contracting``); ValueError: ``n_frequency`` exceeds ``in * out``; each naming
+        the path. ``ContractionTraceError`` when ``trace`` fails.
 
     Example:
         >>> import numpy as np, jax, fourierft_jax
@@ -391,6 +409,7 @@ def apply(
     """
     adapter = FourierFTAdapter()
     adapter.add_adapter(
-        adapter_name, config, params, key=key, model_type=model_type, output_layer=output_layer, stacked=stacked
+        adapter_name, config, params, key=key, model_type=model_type, output_layer=output_layer, stacked=stacked,
+        trace=trace, contracting=contracting,
     )
     return adapter

@@ -20,11 +20,11 @@ import bridge
 from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
 from .layer import LayerSpec
 from .model import FourierFTAdapter
+from .saved_common import AdapterMismatchError, flat_leaves
+from .saved_nnx import attach_nnx, nnx_params_view, nnx_spec_and_state
 from .tree import Path, dotted, get_path, iter_nodes, split_collection
 
-
-class AdapterMismatchError(ValueError):
-    """A saved adapter does not fit the parameters or model it is attached to (names the path and both shapes)."""
+__all__ = ["AdapterMismatchError", "SavedAdapter", "as_saved", "attach", "from_adapter", "from_nnx"]  # and helpers
 
 
 @dataclasses.dataclass
@@ -98,6 +98,24 @@ def from_adapter(
     return SavedAdapter(config, spec, adapter.state[name], originals)
 
 
+def from_nnx(model: Any, config: bridge.FourierFTConfig) -> SavedAdapter:
+    """The ``SavedAdapter`` of an NNX model adapted by ``fourierft_jax.nnx.apply(model, config)``.
+
+    Example:
+        >>> from flax import nnx
+        >>> import fourierft_jax
+        >>> class One(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.fc = nnx.Linear(6, 4, rngs=rngs)
+        >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=5, target_modules=["fc"], init_weights=True)
+        >>> saved = from_nnx(fourierft_jax.nnx.apply(One(nnx.Rngs(0)), cfg), cfg)
+        >>> saved.spec.layers[0].name, saved.state["spectra"]["fc"].shape
+        ('fc', (5,))
+    """
+    spec, state = nnx_spec_and_state(model, config)
+    return SavedAdapter(config, spec, state)
+
+
 def _bias_subtree(node: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not isinstance(node, Mapping):
@@ -126,7 +144,7 @@ def check_params(saved: SavedAdapter, params: Mapping[str, Any]) -> None:
         >>> check_params(saved, {"q": {"kernel": np.zeros((8, 5))}})
         Traceback (most recent call last):
         ...
-        fourierft_jax._src.saved.AdapterMismatchError: adapter does not fit the parameters: layer 'q': kernel has shape (8, 5) in the parameters but the adapter was saved for (8, 4)
+        fourierft_jax._src.saved_common.AdapterMismatchError: adapter does not fit the parameters: layer 'q': kernel has shape (8, 5) in the parameters but the adapter was saved for (8, 4)
     """
     inner, _ = split_collection(params)
     problems: list[str] = []
@@ -181,21 +199,6 @@ class _Found:
     value: Any
 
 
-def flat_leaves(tree: Any, prefix: Path = ()) -> list[tuple[Path, Any]]:
-    """``[(relative path, array)]`` of a nested dict, in insertion order (a bare array gives ``[((), array)]``).
-
-    Example:
-        >>> [path for path, _ in flat_leaves({"dense": {"kernel": 1, "bias": 2}})]
-        [('dense', 'kernel'), ('dense', 'bias')]
-    """
-    if not isinstance(tree, Mapping):
-        return [(prefix, tree)]
-    out = []
-    for key, value in tree.items():
-        out.extend(flat_leaves(value, prefix + (str(key),)))
-    return out
-
-
 def attach(saved: SavedAdapter, target: Any, adapter_name: str = "default") -> Any:
     """Put a saved adapter on a model: a linen params tree gives a ``FourierFTAdapter``; an NNX model is adapted in
     place (its targeted ``nnx.Linear`` become ``FourierFTLinear`` holding the saved arrays) and returned.
@@ -218,9 +221,7 @@ def attach(saved: SavedAdapter, target: Any, adapter_name: str = "default") -> A
         adapter.state[adapter_name] = jax.tree.map(jax.numpy.asarray, _plain_state(saved.state))
         adapter.active_adapters = [adapter_name]
         return adapter
-    from .saved_nnx import attach_nnx
-
-    return attach_nnx(saved, target)
+    return attach_nnx(target, saved.config, saved.spec, saved.state)
 
 
 def _plain_state(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -251,8 +252,6 @@ def as_saved(
         return source
     if isinstance(source, FourierFTAdapter):
         return from_adapter(source, adapter_name, params)
-    from .saved_nnx import from_nnx, nnx_params_view
-
     if config is None:
         raise TypeError(
             f"fourierft_jax: cannot save a {type(source).__name__}: pass a FourierFTAdapter, a SavedAdapter, or an "

@@ -1,4 +1,5 @@
-"""``SavedAdapter`` to and from NNX models adapted by ``fourierft_jax.nnx.apply``.
+"""Saved adapters to and from NNX models adapted by ``fourierft_jax.nnx.apply`` (``saved.from_nnx`` and
+``saved.attach`` wrap these functions in ``SavedAdapter`` terms; this module does not import ``saved``).
 
 Names are the dotted attribute paths, as in ``fourierft_jax.nnx``; the bias of an adapted layer is recorded under
 the layer's path (as for linen trees), although NNX keeps it in ``<layer>.base.bias``. A stacked layer (``nnx.vmap``
@@ -20,7 +21,7 @@ import bridge
 from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
 from .nnx_layer import FourierFTLinear
 from .nnx_model import apply as nnx_apply, select_nnx_layers
-from .saved import AdapterMismatchError, SavedAdapter, flat_leaves
+from .saved_common import AdapterMismatchError, flat_leaves
 from .tree import Path, dotted
 
 
@@ -49,8 +50,9 @@ def _pure(module: nnx.Module) -> dict[str, Any]:
     return nnx.state(module, nnx.Param).to_pure_dict()
 
 
-def from_nnx(model: nnx.Module, config: bridge.FourierFTConfig) -> SavedAdapter:
-    """The ``SavedAdapter`` of an NNX model adapted by ``fourierft_jax.nnx.apply(model, config)``.
+def nnx_spec_and_state(model: nnx.Module, config: bridge.FourierFTConfig) -> tuple[AdapterSpec, dict[str, Any]]:
+    """The layers (``AdapterSpec``) and trained arrays of an NNX model adapted by ``fourierft_jax.nnx.apply(model,
+    config)``: what ``saved.from_nnx`` wraps as a ``SavedAdapter``.
 
     Example:
         >>> from flax import nnx
@@ -59,8 +61,8 @@ def from_nnx(model: nnx.Module, config: bridge.FourierFTConfig) -> SavedAdapter:
         ...     def __init__(self, rngs):
         ...         self.fc = nnx.Linear(6, 4, rngs=rngs)
         >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=5, target_modules=["fc"], init_weights=True)
-        >>> saved = from_nnx(fourierft_jax.nnx.apply(One(nnx.Rngs(0)), cfg), cfg)
-        >>> saved.spec.layers[0].name, saved.state["spectra"]["fc"].shape
+        >>> spec, state = nnx_spec_and_state(fourierft_jax.nnx.apply(One(nnx.Rngs(0)), cfg), cfg)
+        >>> spec.layers[0].name, state["spectra"]["fc"].shape
         ('fc', (5,))
     """
     modules = _modules(model)
@@ -92,13 +94,13 @@ def from_nnx(model: nnx.Module, config: bridge.FourierFTConfig) -> SavedAdapter:
         BIAS: biases,
         MODULES_TO_SAVE: {dotted(path): _pure(_get(model, path)) for path in saved},
     }
-    return SavedAdapter(config, AdapterSpec(layers, tuple(bias_paths), tuple(saved), config.bias), state)
+    return AdapterSpec(layers, tuple(bias_paths), tuple(saved), config.bias), state
 
 
-def _check(saved: SavedAdapter, model: nnx.Module) -> None:
+def _check(spec: AdapterSpec, state: dict[str, Any], model: nnx.Module) -> None:
     modules = dict(_modules(model))
     problems: list[str] = []
-    for layer in saved.spec.layers:
+    for layer in spec.layers:
         module = modules.get(layer.path)
         if isinstance(module, FourierFTLinear):
             module = module.base
@@ -107,7 +109,7 @@ def _check(saved: SavedAdapter, model: nnx.Module) -> None:
         elif tuple(module.kernel.shape) != layer.param_shape:
             problems.append(f"layer {layer.name!r}: kernel has shape {tuple(module.kernel.shape)} in the model but "
                             f"the adapter was saved for {layer.param_shape}")
-        spectrum = saved.state[SPECTRA].get(layer.name)
+        spectrum = state[SPECTRA].get(layer.name)
         if spectrum is None or tuple(np.shape(spectrum)) != layer.spectrum_shape:
             found = "none" if spectrum is None else tuple(np.shape(spectrum))
             problems.append(f"layer {layer.name!r}: the adapter's spectrum has shape {found}, its layer needs "
@@ -116,11 +118,11 @@ def _check(saved: SavedAdapter, model: nnx.Module) -> None:
             problems.append(f"layer {layer.name!r}: adapts layers {list(layer.stack_ids)} of a stack of "
                             f"{layer.stack_size} along axis {layer.stack_axis}; an NNX stack needs all of them, "
                             "along axis 0")
-    for path in saved.spec.bias_paths:
+    for path in spec.bias_paths:
         module = modules.get(path)
         if isinstance(module, FourierFTLinear):
             module = module.base
-        want = tuple(np.shape(saved.state[BIAS][dotted(path)]))
+        want = tuple(np.shape(state[BIAS][dotted(path)]))
         bias = getattr(module, "bias", None)
         if not isinstance(bias, nnx.Variable) or bias.value is None:
             problems.append(f"bias {dotted(path)!r}: the model has no bias there")
@@ -128,12 +130,12 @@ def _check(saved: SavedAdapter, model: nnx.Module) -> None:
             problems.append(
                 f"bias {dotted(path)!r} has shape {tuple(bias.shape)} in the model but {want} in the adapter"
             )
-    for path in saved.spec.save_paths:
+    for path in spec.save_paths:
         if path not in modules:
             problems.append(f"module_to_save {dotted(path)!r}: not in the model")
             continue
         have = dict(flat_leaves(_pure(modules[path])))
-        for rel, value in flat_leaves(saved.state[MODULES_TO_SAVE][dotted(path)]):
+        for rel, value in flat_leaves(state[MODULES_TO_SAVE][dotted(path)]):
             if rel not in have:
                 problems.append(f"module_to_save tensor {dotted(path + rel)!r}: not in the model")
             elif tuple(np.shape(have[rel])) != tuple(np.shape(value)):
@@ -143,8 +145,10 @@ def _check(saved: SavedAdapter, model: nnx.Module) -> None:
         raise AdapterMismatchError("adapter does not fit the model: " + "; ".join(problems))
 
 
-def attach_nnx(saved: SavedAdapter, model: nnx.Module) -> nnx.Module:
-    """Adapt ``model`` (plain, or already adapted with the same layers) and load the saved arrays; returns it.
+def attach_nnx(model: nnx.Module, config: bridge.FourierFTConfig, spec: AdapterSpec,
+               state: dict[str, Any]) -> nnx.Module:
+    """Adapt ``model`` (plain, or already adapted with the same layers) and load a saved adapter's arrays (its
+    ``config``, ``spec`` and ``state``, as a ``SavedAdapter`` holds them); returns the model.
 
     Example:
         >>> from flax import nnx
@@ -153,19 +157,19 @@ def attach_nnx(saved: SavedAdapter, model: nnx.Module) -> nnx.Module:
         ...     def __init__(self, rngs):
         ...         self.fc = nnx.Linear(6, 4, rngs=rngs)
         >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=5, target_modules=["fc"], init_weights=True)
-        >>> saved = from_nnx(fourierft_jax.nnx.apply(One(nnx.Rngs(0)), cfg), cfg)
-        >>> type(attach_nnx(saved, One(nnx.Rngs(1))).fc).__name__
+        >>> spec, state = nnx_spec_and_state(fourierft_jax.nnx.apply(One(nnx.Rngs(0)), cfg), cfg)
+        >>> type(attach_nnx(One(nnx.Rngs(1)), cfg, spec, state).fc).__name__
         'FourierFTLinear'
     """
-    _check(saved, model)
-    config = dataclasses.replace(saved.config, init_weights=True)
-    stacked = saved_stacks(saved) or None
+    _check(spec, state, model)
+    config = dataclasses.replace(config, init_weights=True)
+    stacked = spec_stacks(spec) or None
     have = {path: module.layer for path, module in _modules(model) if isinstance(module, FourierFTLinear)}
     fresh = not have
     if fresh:
         # Matched (and so validated) before the model is touched.
         have = {layer.path: layer for layer in select_nnx_layers(model, config, stacked=stacked)}
-    want = {layer.path: layer for layer in saved.spec.layers}
+    want = {layer.path: layer for layer in spec.layers}
     if set(have) != set(want):
         raise AdapterMismatchError(
             f"adapter does not fit the model: the config adapts {sorted(map(dotted, have))} but the adapter holds "
@@ -179,34 +183,33 @@ def attach_nnx(saved: SavedAdapter, model: nnx.Module) -> nnx.Module:
             )
     if fresh:
         nnx_apply(model, config, stacked=stacked)
-    for layer in saved.spec.layers:
+    for layer in spec.layers:
         module = _get(model, layer.path)
-        module.spectrum.set_value(jnp.asarray(saved.state[SPECTRA][layer.name]))
-    for path in saved.spec.bias_paths:
+        module.spectrum.set_value(jnp.asarray(state[SPECTRA][layer.name]))
+    for path in spec.bias_paths:
         module = _get(model, path)
         module = module.base if isinstance(module, FourierFTLinear) else module
-        module.bias.set_value(jnp.asarray(saved.state[BIAS][dotted(path)]))
-    for path in saved.spec.save_paths:
+        module.bias.set_value(jnp.asarray(state[BIAS][dotted(path)]))
+    for path in spec.save_paths:
         module = _get(model, path)
-        state = nnx.state(module, nnx.Param)
-        nnx.replace_by_pure_dict(state, saved.state[MODULES_TO_SAVE][dotted(path)])
-        nnx.update(module, state)
+        params = nnx.state(module, nnx.Param)
+        nnx.replace_by_pure_dict(params, state[MODULES_TO_SAVE][dotted(path)])
+        nnx.update(module, params)
     return model
 
 
-def saved_stacks(saved: SavedAdapter) -> dict[str, int]:
-    """``{stack path: layer axis}`` of the stacked layers of ``saved``: the ``stacked=`` that re-creates them.
+def spec_stacks(spec: AdapterSpec) -> dict[str, int]:
+    """``{stack path: layer axis}`` of the stacked layers of ``spec``: the ``stacked=`` that re-creates them.
 
     Example:
         >>> from fourierft_jax._src.layer import LayerSpec
-        >>> from fourierft_jax._src.adapter import AdapterSpec
         >>> layer = LayerSpec(("layers", "fc"), 8, 4, 3, 1.0, 0, stack_axis=0, stack_size=2, stack_ids=(0, 1),
         ...                   stack_depth=1)
-        >>> saved_stacks(SavedAdapter(bridge.FourierFTConfig(), AdapterSpec((layer,)), {}))
+        >>> spec_stacks(AdapterSpec((layer,)))
         {'layers': 0}
     """
     return {dotted(layer.path[: layer.stack_depth]): int(layer.stack_axis)
-            for layer in saved.spec.layers if layer.stacked}
+            for layer in spec.layers if layer.stacked}
 
 
 def nnx_params_view(model: nnx.Module) -> dict[str, Any]:

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
+from bridge._src.plans import Fold, HalfScatter, layer_plans
+
 from .delta import delta_kernel_f32
 from .layer import LayerSpec
 from .tree import get_path, split_collection
@@ -118,21 +120,12 @@ def _refine(plan: _Plan) -> _Plan:
 # -- the shard-local math ---------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _half_scatter(positions: tuple[int, ...], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # Coefficient k at bin b contributes z/2 at b and conj(z)/2 at -b; only bins <= length//2 are stored.
-    bins = np.asarray(positions, np.int64)
-    partner = (-bins) % length
-    keep, keep_partner = bins <= length // 2, partner <= length // 2
-    source = np.arange(bins.shape[0])
-    out = (
-        np.concatenate([bins[keep], partner[keep_partner]]).astype(np.int32),
-        np.concatenate([source[keep], source[keep_partner]]).astype(np.int32),
-        np.concatenate([np.zeros(int(keep.sum()), bool), np.ones(int(keep_partner.sum()), bool)]),
-    )
-    for array in out:
-        array.setflags(write=False)
-    return out
+def _fft_axis(plan: _Plan) -> tuple[HalfScatter, Fold]:
+    """Bridge's half scatter and fold of the positions along the FFT axis (the ``out`` axis when phasing rows)."""
+    layer = plan.layer
+    plans = layer_plans(layer.out_features, layer.in_features, layer.n_frequency, layer.seed, "flax")
+    # The kernel is (in, out): with the phase along its rows (in), the FFT runs along out, over PEFT's rows.
+    return (plans.out_scatter, plans.out_fold) if plan.phase_on_rows else (plans.in_scatter, plans.in_fold)
 
 
 def _phase(positions: np.ndarray, length: int, start: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
@@ -160,8 +153,9 @@ def _local_forward(coef: jax.Array, plan: _Plan) -> jax.Array:
     p_pos, f_pos, p_dim, f_dim, p_len, f_len = _axis_phase(plan)
     cos, sin = _phase(p_pos, p_len, plan.offset(p_dim), plan.local(p_dim))
     re, im = coef[..., None, :] * cos, coef[..., None, :] * sin
-    bins, source, conj = _half_scatter(tuple(int(b) for b in f_pos), f_len)
-    values = jax.lax.complex(0.5 * re[..., source], jnp.where(conj, -0.5, 0.5) * im[..., source])
+    scatter, _ = _fft_axis(plan)
+    bins, source = scatter.bins.astype(np.int32), scatter.source.astype(np.int32)
+    values = jax.lax.complex(0.5 * re[..., source], jnp.where(scatter.conj, -0.5, 0.5) * im[..., source])
     half = jnp.zeros(values.shape[:-1] + (f_len // 2 + 1,), jnp.complex64).at[..., bins].add(values)
     block = jnp.fft.irfft(half, n=f_len, axis=-1) * np.float32(plan.layer.scaling / p_len)
     if plan.local(f_dim) != f_len:
@@ -172,11 +166,11 @@ def _local_forward(coef: jax.Array, plan: _Plan) -> jax.Array:
 def _local_backward(grad: jax.Array, plan: _Plan) -> jax.Array:
     """The adjoint of ``_local_forward``: ``(..., phase_local, fft_local)`` cotangent → ``(..., n)`` partial."""
     p_pos, f_pos, p_dim, f_dim, p_len, f_len = _axis_phase(plan)
-    # Σ_j g[j]·e^{+2πi b j/N} of a real block: conj(rfft)[b] for b <= N/2, rfft[N - b] above.
+    # Σ_j g[j]·e^{+2πi b j/N} of a real block is conj(fft(g)[b]): the fold of b, conjugated once more.
     spectrum = jnp.fft.rfft(grad.astype(jnp.float32), n=f_len, axis=-1)
-    low = f_pos <= f_len // 2
-    picked = spectrum[..., np.where(low, f_pos, f_len - f_pos).astype(np.int32)]
-    re, im = picked.real, jnp.where(low, -1.0, 1.0) * picked.imag
+    _, folded = _fft_axis(plan)
+    picked = spectrum[..., folded.index.astype(np.int32)]
+    re, im = picked.real, -folded.sign.astype(np.float32) * picked.imag
     if plan.local(f_dim) != f_len:
         # The block starts at j0: multiply by e^{2πi b j0/N}.
         cos0, sin0 = _phase(f_pos, f_len, plan.offset(f_dim), 1)
@@ -292,7 +286,7 @@ def sharded_delta(spectrum: jax.Array, layer: LayerSpec, sharding: Sharding) -> 
     return _delta_fn(layer, sharding)(spectrum)
 
 
-def kernel_sharding(shardings: object, path: tuple[str, ...]) -> Optional[Sharding]:
+def kernel_sharding(shardings: object, path: tuple[str, ...], leaf: str = "kernel") -> Optional[Sharding]:
     """The sharding at ``path + ("kernel",)`` of a ``shardings`` tree shaped like the params (or variables).
 
     Returns None when ``shardings`` is None; raises ``KeyError`` naming the path when the entry is missing.
@@ -304,7 +298,7 @@ def kernel_sharding(shardings: object, path: tuple[str, ...]) -> Optional[Shardi
     if shardings is None:
         return None
     inner, _ = split_collection(shardings)
-    return get_path(inner, tuple(path) + ("kernel",), "sharding (in `shardings`) for the Dense kernel")
+    return get_path(inner, tuple(path) + ((leaf,) if leaf else ()), "sharding (in `shardings`) for the kernel")
 
 
 def call_sharding(shardings: object, layer: LayerSpec) -> Optional[Sharding]:
@@ -322,7 +316,7 @@ def call_sharding(shardings: object, layer: LayerSpec) -> Optional[Sharding]:
         >>> call_sharding({"s": {"q": {"kernel": NamedSharding(mesh, P(None, "model"))}}}, layer).spec
         P('model', None)
     """
-    sharding = kernel_sharding(shardings, layer.path)
+    sharding = kernel_sharding(shardings, layer.path, layer.kernel_leaf)
     if not isinstance(sharding, NamedSharding) or not layer.stacked:
         return sharding
     entries = list(sharding.spec) + [None] * (len(layer.param_shape) - len(sharding.spec))

@@ -1,4 +1,4 @@
-"""A layer's adapter output ``x ΔWᵀ`` computed in the spectral domain, never building ``ΔW`` (SPEC §4).
+"""A layer's adapter output ``x ΔWᵀ`` computed in the spectral domain, never building ``ΔW``.
 
 With ``X̂ = fft(x)`` over the ``in`` features and PEFT's positions ``(row_k, col_k)`` over ``(out, in)``:
 ``(x ΔWᵀ)[p] = scaling/in · Re(ifft_out(Σ_k c_k · conj(X̂[col_k]) · e_{row_k}))[p]``.
@@ -9,36 +9,24 @@ gradients for ``c`` and ``x`` through FFT, gather and scatter.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from bridge._src.plans import layer_plans
+
 from .layer import LayerSpec
 
 
-@functools.lru_cache(maxsize=None)
 def _plan(layer: LayerSpec) -> tuple[np.ndarray, ...]:
-    rows, cols = (np.asarray(i, dtype=np.int64) for i in layer.torch_indices)
-    n_in, n_out = layer.in_features, layer.out_features
-    # conj(X̂[col]) of a real signal: conj(rfft[col]) for col <= in//2, else rfft[in - col].
-    low = cols <= n_in // 2
-    gather = np.where(low, cols, n_in - cols)
-    conj_in = low
-    # Bin row (value z) feeds half bin row (z/2) when row <= out//2 and its partner out-row (conj(z)/2) when that
-    # is <= out//2; self-conjugate bins (0, out/2) get both halves, i.e. Re(z).
-    partner = (-rows) % n_out
-    keep, keep_partner = rows <= n_out // 2, partner <= n_out // 2
-    source = np.arange(rows.shape[0])
-    bins = np.concatenate([rows[keep], partner[keep_partner]])
-    bin_source = np.concatenate([source[keep], source[keep_partner]])
-    bin_conj = np.concatenate([np.zeros(int(keep.sum()), bool), np.ones(int(keep_partner.sum()), bool)])
-    plan = (gather, conj_in, bins, bin_source, bin_conj)
-    for array in plan:
-        array.setflags(write=False)
-    return plan
+    """``(gather, conj_in, bins, bin_source, bin_conj)`` of bridge's ``ForwardPlan`` (shared by equal layers).
+
+    ``rfft(x)[gather]``, conjugated where ``conj_in``, is ``conj(X̂[col_k])``; the products scatter into the output
+    half bins ``bins`` (conjugated where ``bin_conj``).
+    """
+    plan = layer_plans(layer.out_features, layer.in_features, layer.n_frequency, layer.seed, "flax").forward
+    return plan.gather, plan.conj_in, plan.bins, plan.bin_source, plan.bin_conj
 
 
 def spectral_delta(x: jax.Array, spectrum: jax.Array, layer: LayerSpec) -> jax.Array:

@@ -13,6 +13,8 @@ single ``LayerSpec`` with ``stack_ids``.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import bridge
@@ -24,18 +26,76 @@ from .tree import Path, dotted, get_path, iter_nodes
 Stacks = Union[None, str, Sequence[str], Mapping[str, int]]
 
 
-def _kind(node: Mapping[str, Any], stack_axis: Optional[int] = None) -> tuple[str, Optional[tuple[int, int]]]:
-    kernel = node.get("kernel")
-    if kernel is not None and not isinstance(kernel, Mapping):
-        shape = tuple(getattr(kernel, "shape", ()))
-        if stack_axis is not None and len(shape) > stack_axis:
-            shape = shape[:stack_axis] + shape[stack_axis + 1 :]
-        if len(shape) == 2:
-            return bridge.LINEAR, (int(shape[1]), int(shape[0]))
-        return f"{len(shape)}-D kernel {shape} (DenseGeneral/Conv; only 2-D Dense kernels can be adapted)", None
+# Leaf names under which libraries store a projection's kernel (linen/NNX/EasyDeL, gemma's Einsum, equinox).
+KERNEL_LEAVES = ("kernel", "w", "weight", "weights")
+
+# ``{kernel leaf path: contracted axes of the stored array}`` (None: the array is not a linear layer's kernel),
+# read from the model by ``trace`` or declared by the caller.
+Contractions = Mapping[Path, Optional[tuple[int, ...]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A module's kernel as targets see it: which leaf, its torch shape ``(out, in)`` and how it is contracted."""
+
+    leaf: str
+    torch_shape: tuple[int, int]
+    dims: tuple[int, ...] = ()
+    in_axes: tuple[int, ...] = ()
+
+
+def _kernel_of(array: Any, leaf: str, path: Path, stack_axis: Optional[int],
+               contractions: Optional[Contractions]) -> tuple[str, Optional[Kernel]]:
+    shape = tuple(int(d) for d in getattr(array, "shape", ()))
+    if stack_axis is not None and len(shape) > stack_axis:
+        shape = shape[:stack_axis] + shape[stack_axis + 1 :]
+    known = contractions is not None and path in contractions
+    axes = contractions[path] if known else None
+    if known and axes is None:
+        return f"array {shape} that the traced model never contracts (an embedding or other non-linear use)", None
+    if axes is not None and axes and axes[0] == "conflict":
+        return (f"kernel {shape} that the traced model contracts in two different ways (axes "
+                f"{[list(a) for a in axes[1]]}); declare one with contracting=", None)
+    if axes is not None and stack_axis is not None:
+        axes = tuple(a - (a > stack_axis) for a in axes if a != stack_axis)
+    if axes is None:
+        if len(shape) != 2:
+            return (f"{len(shape)}-D kernel {shape} (DenseGeneral/Einsum): pass trace= (a function of the params "
+                    "that runs the model) or contracting= to fourierft_jax.apply to say which axes are contracted"), None
+        axes = (0,)
+    n_in = math.prod(shape[a] for a in axes)
+    n_out = math.prod(d for a, d in enumerate(shape) if a not in axes)
+    if len(shape) == 2 and axes == (0,):
+        return bridge.LINEAR, Kernel(leaf, (n_out, n_in))
+    return bridge.LINEAR, Kernel(leaf, (n_out, n_in), shape, tuple(axes))
+
+
+def _kind(node: Mapping[str, Any], path: Path = (), stack_axis: Optional[int] = None,
+          contractions: Optional[Contractions] = None) -> tuple[str, Optional[Kernel]]:
+    for leaf in KERNEL_LEAVES:
+        array = node.get(leaf)
+        if array is not None and not isinstance(array, Mapping) and hasattr(array, "shape"):
+            if "embedding" in node:
+                break
+            return _kernel_of(array, leaf, path + (leaf,), stack_axis, contractions)
     if "embedding" in node and not isinstance(node["embedding"], Mapping):
         return "Embed", None
     return "module", None
+
+
+def _bare_kernels(node: Mapping[str, Any], path: Path, stack_axis: Optional[int],
+                  contractions: Optional[Contractions]) -> list[tuple[str, Kernel]]:
+    """Array leaves of ``node`` that the model contracts, other than its kernel leaf (gemma's ``mlp.linear``)."""
+    if not contractions:
+        return []
+    found = []
+    for key, array in node.items():
+        if isinstance(array, Mapping) or key in KERNEL_LEAVES or contractions.get(path + (key,)) is None:
+            continue
+        kind, kernel = _kernel_of(array, "", path + (key,), stack_axis, contractions)
+        if kernel is not None:
+            found.append((key, kernel))
+    return found
 
 
 def stack_requests(stacked: Stacks) -> dict[Path, int]:
@@ -134,22 +194,32 @@ def module_infos(
         >>> [info.name for _, _, info in module_infos(stacked, "layer")]
         ['', 'layer', 'layer.0', 'layer.0.fc', 'layer.1', 'layer.1.fc']
     """
+    return [(path, row, info) for path, row, info, _ in _modules(params, stacked)]
+
+
+def _modules(params: Mapping[str, Any], stacked: Stacks = None, contractions: Optional[Contractions] = None
+             ) -> list[tuple[Path, Optional[int], bridge.ModuleInfo, Optional[Kernel]]]:
     stacks = stack_axes(params, stacked)
-    infos: list[tuple[Path, Optional[int], bridge.ModuleInfo]] = []
+    infos: list[tuple[Path, Optional[int], bridge.ModuleInfo, Optional[Kernel]]] = []
+
+    def add(path: Path, node: Mapping[str, Any], row: Optional[int], name: Path, axis: Optional[int]) -> None:
+        kind, kernel = _kind(node, path, axis, contractions)
+        infos.append((path, row, bridge.ModuleInfo(dotted(name), kind, kernel and kernel.torch_shape), kernel))
+        for key, bare in _bare_kernels(node, path, axis, contractions):
+            infos.append((path + (key,), row, bridge.ModuleInfo(dotted(name + (key,)), bridge.LINEAR,
+                                                                bare.torch_shape), bare))
+
     for path, node in iter_nodes(params):
         head = stack_of(path, stacks)
         if head is None:
-            kind, shape = _kind(node)
-            infos.append((path, None, bridge.ModuleInfo(dotted(path), kind, shape)))
+            add(path, node, None, path, None)
         elif path == head:
             # The stack's rows, each followed by its modules (the order of an unrolled model's named_modules).
-            infos.append((path, None, bridge.ModuleInfo(dotted(path), "module", None)))
+            infos.append((path, None, bridge.ModuleInfo(dotted(path), "module", None), None))
             axis, size = stacks[head]
             for row in range(size):
                 for sub_path, sub_node in iter_nodes(node, path):
-                    kind, shape = _kind(sub_node, axis)
-                    name = dotted(stack_row_path(sub_path, len(head), row))
-                    infos.append((sub_path, row, bridge.ModuleInfo(name, kind, shape)))
+                    add(sub_path, sub_node, row, stack_row_path(sub_path, len(head), row), axis)
     return infos
 
 
@@ -160,6 +230,7 @@ def select_layers(
     model_type: Optional[str] = None,
     output_layer: Optional[str] = None,
     stacked: Stacks = None,
+    contractions: Optional[Contractions] = None,
 ) -> tuple[LayerSpec, ...]:
     """The ``LayerSpec`` of every Dense kernel ``config`` adapts in ``params`` (``bridge.select_targets``' rules).
 
@@ -174,18 +245,20 @@ def select_layers(
         [('q', (8, 4), 5)]
     """
     stacks = stack_axes(params, stacked)
-    infos = module_infos(params, stacked)
-    where = {info.name: (path, row) for path, row, info in infos}
+    infos = _modules(params, stacked, contractions)
+    where = {info.name: (path, row, kernel) for path, row, info, kernel in infos}
     targets = bridge.select_targets(
-        config, [info for _, _, info in infos], model_type=model_type, output_layer=output_layer
+        config, [info for _, _, info, _ in infos], model_type=model_type, output_layer=output_layer
     )
     groups: dict[Path, list[tuple[int, bridge.TargetLayer]]] = {}
+    kernels: dict[Path, Kernel] = {}
     for target in targets:
-        path, row = where[target.name]
+        path, row, kernel = where[target.name]
         groups.setdefault(path, []).append((row, target))
+        kernels[path] = kernel
     layers = []
     for path, rows in groups.items():
-        first = rows[0][1]
+        first, kernel = rows[0][1], kernels[path]
         common = dict(
             path=path,
             in_features=first.in_features,
@@ -193,6 +266,9 @@ def select_layers(
             n_frequency=first.n_frequency,
             scaling=float(config.scaling),
             seed=int(config.random_loc_seed),
+            kernel_leaf=kernel.leaf,
+            kernel_dims=kernel.dims,
+            in_axes=kernel.in_axes,
         )
         if rows[0][0] is None:
             layers.append(LayerSpec(**common))

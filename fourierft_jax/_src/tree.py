@@ -1,6 +1,8 @@
-"""Nested-dict helpers for Flax parameter trees, walked in insertion order (``jax.tree_util`` sorts keys).
+"""Parameter trees as nested dicts, walked in insertion order (``jax.tree_util`` sorts keys).
 
 A path is a tuple of string keys inside the ``params`` collection; its torch-style name joins them with dots.
+Any other pytree (``nnx.State``, integer keys, dataclass models) is seen through a nested-dict view of the string
+form of its path entries (``split_collection``).
 """
 
 from __future__ import annotations
@@ -17,22 +19,87 @@ def dotted(path: Path) -> str:
     return ".".join(str(key) for key in path)
 
 
-def split_collection(tree: Mapping[str, Any]) -> tuple[Mapping[str, Any], Callable[[Mapping[str, Any]], Any]]:
+def key_name(entry: Any) -> str:
+    """A ``jax.tree_util`` path entry as a name: a dict key, an attribute name or a sequence index."""
+    for field in ("key", "name", "idx"):
+        if hasattr(entry, field):
+            return str(getattr(entry, field))
+    return str(entry)
+
+
+def leaf_paths(tree: Any) -> list[Path]:
+    """The string path of every leaf of ``tree`` in ``jax.tree.leaves`` order, relative to the ``params``
+    collection when ``tree`` is a variables dict (leaves of other collections get a leading ``None``-free marker
+    path that never names a parameter). A trailing ``value`` attribute (an ``nnx.Variable``'s) is dropped.
+
+    Example:
+        >>> leaf_paths({"params": {"q": {"kernel": 1, "bias": 2}}, "stats": {"m": 3}})
+        [('q', 'bias'), ('q', 'kernel'), ('<stats>', 'm')]
+    """
+    import jax
+
+    collection = isinstance(tree, Mapping) and isinstance(tree.get(PARAMS), Mapping)
+    out = []
+    for entries, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        path = tuple(key_name(e) for e in entries)
+        if entries and type(entries[-1]).__name__ == "GetAttrKey" and path[-1] == "value":
+            path = path[:-1]
+        if collection:
+            path = path[1:] if path[0] == PARAMS else (f"<{path[0]}>",) + path[1:]
+        out.append(path)
+    return out
+
+
+def _is_plain(tree: Any) -> bool:
+    if type(tree) is not dict and type(tree).__name__ != "FrozenDict":
+        return False
+    return all(isinstance(k, str) and (not isinstance(v, Mapping) or _is_plain(v)) for k, v in tree.items())
+
+
+def _named_view(tree: Any) -> tuple[dict[str, Any], Callable[[Mapping[str, Any]], Any]]:
+    """A nested dict of string keys over any pytree, and a function rebuilding the pytree from such a dict."""
+    import jax
+
+    leaves, treedef = jax.tree.flatten(tree)
+    paths = leaf_paths(tree)
+    view: dict[str, Any] = {}
+    for path, leaf in zip(paths, leaves):
+        node = view
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+
+    def rebuild(new_view: Mapping[str, Any]) -> Any:
+        return jax.tree.unflatten(treedef, [get_path(new_view, path) for path in paths])
+
+    return view, rebuild
+
+
+def split_collection(tree: Any) -> tuple[Mapping[str, Any], Callable[[Mapping[str, Any]], Any]]:
     """The ``params`` mapping of ``tree`` and a function putting a new one back in its place.
 
-    Accepts either a variables dict (``{"params": ..., "batch_stats": ...}``, as ``model.init`` returns) or the
-    ``params`` mapping itself, so that every public function returns the structure it was given.
+    Accepts a variables dict (``{"params": ..., "batch_stats": ...}``, as ``model.init`` returns), the ``params``
+    mapping itself, or any other pytree (``nnx.State``, dicts with integer keys, dataclass models): those are
+    seen as nested dicts keyed by the string form of their path entries, and rebuilt with their own types. Every
+    public function thereby returns the structure it was given.
+
+    Example:
+        >>> view, rebuild = split_collection({"layers": {0: {"kernel": 1}}})
+        >>> view, rebuild({"layers": {"0": {"kernel": 2}}})
+        ({'layers': {'0': {'kernel': 1}}}, {'layers': {0: {'kernel': 2}}})
     """
-    if not isinstance(tree, Mapping):
-        raise TypeError(f"fourierft_jax: expected a Flax parameter tree (a dict), got {type(tree).__name__}")
-    if PARAMS in tree and isinstance(tree[PARAMS], Mapping):
+    if isinstance(tree, Mapping) and PARAMS in tree and isinstance(tree[PARAMS], Mapping):
+        inner, rebuild_inner = split_collection(tree[PARAMS])
+
         def rebuild(params: Mapping[str, Any]) -> Any:
             out = dict(tree)
-            out[PARAMS] = params
+            out[PARAMS] = rebuild_inner(params)
             return type(tree)(out) if not isinstance(tree, dict) else out
 
-        return tree[PARAMS], rebuild
-    return tree, lambda params: params
+        return inner, rebuild
+    if _is_plain(tree):
+        return tree, lambda params: params
+    return _named_view(tree)
 
 
 def iter_nodes(tree: Mapping[str, Any], prefix: Path = ()) -> Iterator[tuple[Path, Mapping[str, Any]]]:

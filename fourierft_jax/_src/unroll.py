@@ -19,7 +19,8 @@ import numpy as np
 from bridge._src.targets import stack_row_path
 
 from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
-from .saved import SavedAdapter, flat_leaves, layer_spec
+from .saved import SavedAdapter, layer_spec
+from .saved_common import flat_leaves
 from .targets import Stacks, stack_axes, stack_of, stack_requests
 from .tree import Path, dotted, get_path, split_collection
 
@@ -279,7 +280,19 @@ def restack(saved: SavedAdapter, stacks: StackTable, params: Mapping[str, Any]) 
     """
     if not stacks:
         return saved
-    inner, _ = split_collection(params)
+    layers, spectra = _restack_layers(saved, stacks)
+    bias_paths, biases = _restack_biases(saved, stacks, params)
+    modules = _restack_modules(saved.state.get(MODULES_TO_SAVE, {}), stacks, "module_to_save")
+    spec = AdapterSpec(tuple(layers), tuple(bias_paths), tuple(tuple(name.split(".")) for name in modules),
+                       saved.config.bias)
+    state = {SPECTRA: spectra, BIAS: biases, MODULES_TO_SAVE: modules}
+    originals = _restack_modules(saved.originals, stacks, "original module")
+    return SavedAdapter(saved.config, spec, state, originals)
+
+
+def _restack_layers(saved: SavedAdapter, stacks: StackTable) -> tuple[list, dict[str, Any]]:
+    """The layers of ``saved`` with the rows of each stacked kernel gathered into one stacked ``LayerSpec``
+    (in the order the first row came), and their spectra, one ``(rows, n)`` array per stacked kernel."""
     groups: dict[Path, dict[int, Any]] = {}
     order: list[Any] = []
     for layer in saved.spec.layers:
@@ -313,6 +326,14 @@ def restack(saved: SavedAdapter, stacks: StackTable, params: Mapping[str, Any]) 
                            stack_axis=axis, stack_size=size, stack_ids=ids, stack_depth=len(head))
         layers.append(layer)
         spectra[layer.name] = np.stack([np.asarray(saved.state[SPECTRA][rows[i].name]) for i in ids])
+    return layers, spectra
+
+
+def _restack_biases(saved: SavedAdapter, stacks: StackTable,
+                    params: Mapping[str, Any]) -> tuple[list[Path], dict[str, Any]]:
+    """The bias paths and biases of ``saved`` with the rows of each stacked bias gathered into one ``(L, out)``
+    array; rows the file lacks come from the base ``params``."""
+    inner, _ = split_collection(params)
     bias_paths, biases, bias_rows = [], {}, {}
     for path in saved.spec.bias_paths:
         found = _split(path, stacks)
@@ -334,12 +355,7 @@ def restack(saved: SavedAdapter, stacks: StackTable, params: Mapping[str, Any]) 
             base = _rows(get_path(inner, path + ("bias",), "bias"), axis, size, f"base bias {dotted(path)!r}")
             rows = {**{row: base[row].astype(dtype) for row in missing}, **rows}
         biases[dotted(path)] = _stack_rows(rows, (axis, size), f"bias {dotted(path)!r}")
-    modules = _restack_modules(saved.state.get(MODULES_TO_SAVE, {}), stacks, "module_to_save")
-    spec = AdapterSpec(tuple(layers), tuple(bias_paths), tuple(tuple(name.split(".")) for name in modules),
-                       saved.config.bias)
-    state = {SPECTRA: spectra, BIAS: biases, MODULES_TO_SAVE: modules}
-    originals = _restack_modules(saved.originals, stacks, "original module")
-    return SavedAdapter(saved.config, spec, state, originals)
+    return bias_paths, biases
 
 
 def as_stacked(read: Callable[[Mapping[str, Any]], SavedAdapter], params: Mapping[str, Any],

@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 import bridge
 from bridge._src import positions
+from bridge._src.positions import randperm_prefix
 
 THRESHOLD = 0xFFFFFFFF // 20  # torch's switch to the inside-out shuffle, from torch's randperm kernel
 
@@ -96,7 +97,7 @@ def test_SLOW_inside_out_branch_matches_torch_randperm():
 
 
 def _inside_out_reference(total: int, seed: int) -> np.ndarray:
-    """torch's inside-out randperm for n >= threshold, as a plain loop over the MT19937 stream (SPEC section 2)."""
+    """torch's inside-out randperm for n >= threshold, as a plain loop over the MT19937 stream (docs/positions.md)."""
     key = np.random.RandomState(seed & 0xFFFFFFFF).get_state()[1]
     generator = np.random.MT19937()
     generator.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}
@@ -115,7 +116,7 @@ def test_inside_out_prefix_small(monkeypatch, total, count, seed, chunk):
     # Lower the threshold (and the chunk) so the streamed branch runs on small sizes, against a full plain loop.
     monkeypatch.setattr(positions, "INSIDE_OUT_THRESHOLD", 1)
     monkeypatch.setattr(positions, "_CHUNK", chunk)
-    np.testing.assert_array_equal(bridge.randperm_prefix(total, count, seed), _inside_out_reference(total, seed)[:count])
+    np.testing.assert_array_equal(randperm_prefix(total, count, seed), _inside_out_reference(total, seed)[:count])
 
 
 @pytest.mark.parametrize(
@@ -160,7 +161,7 @@ def test_prefix_property_and_flat_reconstruction(case, data):
     long = bridge.spectral_indices(out_features, in_features, more, seed)
     np.testing.assert_array_equal(long[:, :n], short)
     flat = long[0] * in_features + long[1]
-    np.testing.assert_array_equal(flat, bridge.randperm_prefix(out_features * in_features, more, seed))
+    np.testing.assert_array_equal(flat, randperm_prefix(out_features * in_features, more, seed))
 
 
 @settings(max_examples=40, deadline=None, database=None)

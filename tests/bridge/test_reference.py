@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import bridge
+from bridge._src.reference import adapted_linear, dense_spectrum
 
 
 def cosine_sum(spectrum, rows, cols, out_features, in_features, scaling):
@@ -44,7 +45,7 @@ def test_delta_weight_hand_placed_positions():
 
 def test_dense_spectrum_rejects_mismatched_indices():
     with pytest.raises(ValueError, match=r"\(2, 3\)"):
-        bridge.dense_spectrum(np.zeros(3), np.zeros((2, 4), dtype=int), 4, 4)
+        dense_spectrum(np.zeros(3), np.zeros((2, 4), dtype=int), 4, 4)
 
 
 class _Holder(nn.Module):
@@ -87,7 +88,7 @@ def test_matches_peft_delta_weight_merge_and_forward(kind, out_features, in_feat
     bias = base.bias.detach().double().numpy().copy()
     x = np.random.default_rng(0).standard_normal((5, in_features)).astype(np.float32)
     weight = before if kind == "linear" else before.T
-    expected_y = bridge.adapted_linear(x, weight, bias, spectrum, layer.indices["default"].numpy(), scaling)
+    expected_y = adapted_linear(x, weight, bias, spectrum, layer.indices["default"].numpy(), scaling)
     with torch.no_grad():
         peft_y = layer(torch.from_numpy(x)).double().numpy()
     np.testing.assert_allclose(peft_y, expected_y, rtol=0, atol=1e-4 * np.abs(expected_y).max())
@@ -102,7 +103,7 @@ def test_adapted_linear_is_base_plus_delta():
     x, weight, bias = rng.standard_normal((3, 6)), rng.standard_normal((4, 6)), rng.standard_normal(4)
     spectrum, indices = rng.standard_normal(5), bridge.spectral_indices(4, 6, 5, 11)
     delta = cosine_sum(spectrum, indices[0], indices[1], 4, 6, 7.0)
-    np.testing.assert_allclose(bridge.adapted_linear(x, weight, bias, spectrum, indices, 7.0),
+    np.testing.assert_allclose(adapted_linear(x, weight, bias, spectrum, indices, 7.0),
                                x @ weight.T + bias + x @ delta.T, atol=1e-12)
-    np.testing.assert_allclose(bridge.adapted_linear(x, weight, None, spectrum, indices, 7.0),
+    np.testing.assert_allclose(adapted_linear(x, weight, None, spectrum, indices, 7.0),
                                x @ (weight + delta).T, atol=1e-12)

@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import bridge
+from bridge._src.targets import DEFAULT_TARGET_MODULES, layer_index
 
 
 def bert(head: bool = False):
@@ -180,7 +181,7 @@ def test_target_modules_none_needs_a_known_model_type():
 def test_default_target_modules_equal_peft_mapping():
     from peft.utils import TRANSFORMERS_MODELS_TO_FOURIERFT_TARGET_MODULES_MAPPING as mapping
 
-    assert bridge.DEFAULT_TARGET_MODULES == {key: value for key, value in mapping.items()}
+    assert DEFAULT_TARGET_MODULES == {key: value for key, value in mapping.items()}
 
 
 @pytest.mark.parametrize(
@@ -190,4 +191,4 @@ def test_default_target_modules_equal_peft_mapping():
      ("a.blocks.4.layers.5.q", ["layers", "blocks"], 5), ("a.blocks.4.q", ["layers"], None)],
 )
 def test_layer_index_like_peft(name, pattern, expected):
-    assert bridge.layer_index(name, pattern) == expected
+    assert layer_index(name, pattern) == expected

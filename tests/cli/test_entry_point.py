@@ -43,7 +43,7 @@ def test_python_m_and_help():
 
 def test_no_framework_imports():
     code = ("import sys, bridge._src.cli, bridge._src.merge, bridge._src.summary, bridge._src.plot, "
-            "bridge._src.checkpoint, bridge._src.tensor_io; "
+            "bridge._src.folders, bridge._src.tensor_io; "
             "bad = [m for m in ('torch', 'jax', 'peft', 'transformers', 'matplotlib') if m in sys.modules]; "
             "assert not bad, bad")
     result = run([sys.executable, "-c", code])

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import bridge
+from bridge._src.peft_format import WEIGHTS_NAME, read_shapes
 import fourierft_jax
 from convert_models import D, D_IN, N_CLASSES, Net, inputs, init
 
@@ -49,7 +50,7 @@ def test_jax_peft_jax_orbax_jax_is_bit_identical(tmp_path, dtype):
     original = adapter.trainable
 
     folder = fourierft_jax.export_peft(adapter, tmp_path / "peft", params=params)
-    shapes, dtypes = bridge.read_shapes(os.path.join(folder, bridge.WEIGHTS_NAME))
+    shapes, dtypes = read_shapes(os.path.join(folder, WEIGHTS_NAME))
     assert set(dtypes.values()) == {"BF16" if dtype == jnp.bfloat16 else "F32"}
     again = fourierft_jax.import_peft(folder, params)
     assert_same_tree(again.trainable, original)
@@ -82,7 +83,7 @@ def test_jax_peft_jax_orbax_jax_is_bit_identical(tmp_path, dtype):
 def _load(folder):
     from bridge._src.tensor_io import SafetensorsFile
 
-    file = SafetensorsFile(os.path.join(folder, bridge.WEIGHTS_NAME))
+    file = SafetensorsFile(os.path.join(folder, WEIGHTS_NAME))
     return {key: np.array(file.array(key)) for key in file.keys()}
 
 
@@ -95,7 +96,7 @@ def test_bf16_file_loads_in_torch(tmp_path):
                                   key=jax.random.key(1))
     adapter.set_trainable(jax.tree.map(lambda a: a.astype(jnp.bfloat16), adapter.trainable))
     folder = fourierft_jax.export_peft(adapter, tmp_path / "peft")
-    tensors = load_file(os.path.join(folder, bridge.WEIGHTS_NAME))
+    tensors = load_file(os.path.join(folder, WEIGHTS_NAME))
     spectrum = tensors[bridge.spectrum_key("layer.0.query")]
     assert spectrum.dtype == torch.bfloat16
     want = np.asarray(adapter.trainable["default"]["spectra"]["layer.0.query"]).astype(np.float32)
@@ -187,7 +188,7 @@ def test_corrupt_checkpoints_are_refused(tmp_path):
         fourierft_jax.save_adapter(tmp_path / "c", adapter)
     fourierft_jax.save_adapter(tmp_path / "c", adapter, overwrite=True)  # allowed with overwrite
 
-    from bridge._src.checkpoint import CheckpointError
+    from bridge._src.folders import CheckpointError
 
     meta = os.path.join(checkpoint, "fourierft_adapter.json")
     text = open(meta).read()
@@ -214,7 +215,7 @@ def test_corrupt_checkpoints_are_refused(tmp_path):
 
 
 def test_peft_side_error_paths(tmp_path):
-    from bridge._src.checkpoint import CheckpointError
+    from bridge._src.folders import CheckpointError
 
     params = init(Net())
     adapter = fourierft_jax.apply(params, fourierft_jax.FourierFTConfig(n_frequency=8, target_modules=["query"]),
@@ -228,7 +229,7 @@ def test_peft_side_error_paths(tmp_path):
         fourierft_jax.import_peft(tmp_path / "empty", params)
     with pytest.raises(CheckpointError, match="does not record its layer shapes"):
         fourierft_jax.read_peft(folder)
-    weights = os.path.join(folder, bridge.WEIGHTS_NAME)
+    weights = os.path.join(folder, WEIGHTS_NAME)
     data = open(weights, "rb").read()
     with open(weights, "wb") as stream:
         stream.write(data[: len(data) - 7])

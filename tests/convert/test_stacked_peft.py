@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 import bridge
+from bridge._src.config import CONFIG_NAME
+from bridge._src.peft_format import WEIGHTS_NAME, read_shapes
 import fourierft_jax
 from fourierft_jax._src.saved import AdapterMismatchError
 
@@ -188,13 +190,13 @@ def test_scanned_export_loads_in_peft_on_the_unrolled_torch_model(tmp_path, case
     assert np.abs(base - want).max() > 1e-2  # the adapter matters
 
     folder = fourierft_jax.export_peft(adapter, tmp_path / "peft", params=params)
-    keys = bridge.read_shapes(os.path.join(folder, bridge.WEIGHTS_NAME))[0]
+    keys = read_shapes(os.path.join(folder, WEIGHTS_NAME))[0]
     spectra = sorted(k for k in keys if k.endswith(".fourierft_spectrum"))
     rows = [0, 2] if case == "some-rows" else range(L)
     layers = [f"encoder.layer.{i}.{m}" for i in rows for m in (["fc1", "fc2"] if case == "all-rows" else ["fc2"])]
     assert spectra == sorted(bridge.spectrum_key(n) for n in layers + (["head"] if case == "all-rows" else []))
     # The config is what PEFT writes for the unrolled model: the user's matching fields, unchanged.
-    written = json.load(open(os.path.join(folder, bridge.CONFIG_NAME)))
+    written = json.load(open(os.path.join(folder, CONFIG_NAME)))
     assert sorted(written["target_modules"]) == sorted(CASES[case]["target_modules"])
     assert written.get("layers_to_transform") == CASES[case].get("layers_to_transform")
 
@@ -204,7 +206,7 @@ def test_scanned_export_loads_in_peft_on_the_unrolled_torch_model(tmp_path, case
     # The state PEFT loaded is what it would save again: the same keys.
     resaved = tmp_path / "resaved"
     model.save_pretrained(resaved)
-    assert set(bridge.read_shapes(os.path.join(resaved, bridge.WEIGHTS_NAME))[0]) == set(keys)
+    assert set(read_shapes(os.path.join(resaved, WEIGHTS_NAME))[0]) == set(keys)
 
 
 def test_peft_file_with_some_rows_imports_as_those_stack_ids(tmp_path):
@@ -269,8 +271,8 @@ def test_stacked_peft_and_orbax_round_trips_are_bit_identical(tmp_path, axis, dt
     assert_same_tree(saved.attach(params).trainable, original)
     # ...and it exports to the same PEFT file as the adapter it came from.
     again_folder = fourierft_jax.export_peft(saved, tmp_path / "peft2")
-    a = bridge.read_shapes(os.path.join(folder, bridge.WEIGHTS_NAME))
-    b = bridge.read_shapes(os.path.join(again_folder, bridge.WEIGHTS_NAME))
+    a = read_shapes(os.path.join(folder, WEIGHTS_NAME))
+    b = read_shapes(os.path.join(again_folder, WEIGHTS_NAME))
     assert a == b
 
     # The unrolled tree (or a stack of another size) is refused, naming the layer and both shapes.
@@ -335,7 +337,7 @@ def test_stacked_module_to_save_without_adapted_layer_needs_stacked(tmp_path):
     config = fourierft_jax.FourierFTConfig(n_frequency=10, target_modules=["head"], modules_to_save=["norm"])
     adapter = _randomize(fourierft_jax.apply(params, config, key=jax.random.key(0), stacked=STACK))
     folder = fourierft_jax.export_peft(adapter, tmp_path / "peft", stacked=STACK)
-    keys = set(bridge.read_shapes(os.path.join(folder, bridge.WEIGHTS_NAME))[0])
+    keys = set(read_shapes(os.path.join(folder, WEIGHTS_NAME))[0])
     assert not any(key.endswith(".scale") for key in keys)  # torch calls it weight
     assert {f"base_model.model.encoder.layer.{i}.norm.weight" for i in range(L)} <= keys
     again = fourierft_jax.import_peft(folder, params, stacked=STACK)
@@ -352,7 +354,7 @@ def test_rows_peft_would_not_train_keep_the_base_bias_and_base_originals_stack(t
     # Whatever the state holds in rows 0 and 2 of the stacked bias, the model uses the base rows there (PEFT
     # trains and saves the adapted row's bias only), so the export loses nothing.
     folder = fourierft_jax.export_peft(adapter, tmp_path / "partial", params=params)
-    keys = set(bridge.read_shapes(os.path.join(folder, bridge.WEIGHTS_NAME))[0])
+    keys = set(read_shapes(os.path.join(folder, WEIGHTS_NAME))[0])
     assert {key for key in keys if key.endswith("bias")} == {"base_model.model.encoder.layer.1.fc2.base_layer.bias"}
     again = fourierft_jax.import_peft(folder, params, stacked=STACK)
     np.testing.assert_array_equal(again.merge_and_unload(params)["params"]["encoder"]["layer"]["fc2"]["bias"],
@@ -387,7 +389,7 @@ def test_name_map_applies_to_each_row(tmp_path):
     adapter.set_trainable({"default": dict(state, bias={"encoder.layer.fc1": bias.at[1].set(base[1])})})
     names = fourierft_jax.NameMap(to_torch=[(r"^encoder\.layer\.(\d+)\.fc1$", r"blocks.\1.mlp.up")])
     folder = fourierft_jax.export_peft(adapter, tmp_path / "peft", name_map=names, params=params)
-    keys = set(bridge.read_shapes(os.path.join(folder, bridge.WEIGHTS_NAME))[0])
+    keys = set(read_shapes(os.path.join(folder, WEIGHTS_NAME))[0])
     assert keys == {f"base_model.model.blocks.{i}.mlp.up.{leaf}" for i in (0, 2)
                     for leaf in ("fourierft_spectrum", "base_layer.bias")}
     assert bridge.FourierFTConfig.from_pretrained(folder).target_modules == ["blocks.0.mlp.up", "blocks.2.mlp.up"]

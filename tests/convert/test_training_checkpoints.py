@@ -89,7 +89,7 @@ def test_keep_last_n_and_keep_best(tmp_path):
         for i, acc in enumerate([0.1, 0.9, 0.5]):
             c.save(i, {"w": jnp.full(3, float(i))}, metrics={"acc": acc})
         assert c.all_steps() == [1]
-    from bridge._src.checkpoint import CheckpointError
+    from bridge._src.folders import CheckpointError
 
     with fourierft_jax.TrainingCheckpoints(tmp_path / "empty") as checkpoints:
         with pytest.raises(CheckpointError, match="holds no training checkpoint"):

@@ -11,7 +11,8 @@ from flax import nnx
 
 import bridge
 import fourierft_jax
-from fourierft_jax._src.saved_nnx import from_nnx, nnx_params_view
+from fourierft_jax._src.saved import from_nnx
+from fourierft_jax._src.saved_nnx import nnx_params_view
 
 L, D_IN, D, H, N_OUT = 3, 12, 16, 24, 6
 STACK = "encoder.layer"

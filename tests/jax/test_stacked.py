@@ -187,23 +187,22 @@ def test_stack_errors_name_the_problem():
         fourierft_jax.apply(good, config, key=jax.random.key(0))
 
 
-def test_stack_called_without_its_scan_is_refused_by_the_intercepting_paths(models):
+def test_stack_used_whole_runs_on_the_merged_stack_and_warns(models):
+    # A function that contracts the whole stack at once (no scan slices it) cannot take the per-layer fast path:
+    # that use runs on W + ΔW of the whole stack (the merge's numbers) and says so.
     axis, _, params, _, x = models
     config = fourierft_jax.FourierFTConfig(n_frequency=10, target_modules=["fc1"])
+    adapter = fourierft_jax.apply(params, config, key=jax.random.key(0), stacked={"encoder.layer": axis})
+    h = jnp.ones((2, D))
 
-    class Looped(nn.Module):  # uses the stacked kernel whole, not under nn.scan
-        @nn.compact
-        def __call__(self, h):
-            class Fc(nn.Module):
-                @nn.compact
-                def __call__(self, h):
-                    return nn.Dense(H, name="fc1")(h)
-            return Fc(name="layer")(h)
+    def every_layer(variables, h):  # (L, tokens, H): each layer's fc1 on the same input
+        kernel = variables["params"]["encoder"]["layer"]["fc1"]["kernel"]
+        return jnp.einsum("bd,ldh->lbh" if axis == 0 else "bd,dlh->lbh", h, kernel)
 
-    wrapped = {"params": {"layer": params["params"]["encoder"]["layer"]}}
-    relocated = fourierft_jax.apply(wrapped, config, key=jax.random.key(0), stacked={"layer": axis})
-    with pytest.raises(ValueError, match="not under the nn.scan"):
-        relocated.make_apply(Looped().apply)(relocated.trainable, wrapped, jnp.ones((2, D)))
+    want = adapter.make_apply(every_layer, mode="merge")(adapter.trainable, params, h)
+    with pytest.warns(UserWarning, match="encoder.layer.fc1.*merged kernel"):
+        got = adapter.make_apply(every_layer)(adapter.trainable, params, h)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_fourier_only_bias_trains_the_adapted_rows_of_a_stack_only(models):

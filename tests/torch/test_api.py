@@ -15,7 +15,7 @@ from safetensors import safe_open
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_models as _models  # noqa: E402
 
-import bridge  # noqa: E402
+from bridge._src.peft_format import WEIGHTS_NAME  # noqa: E402
 import fourierft_torch  # noqa: E402
 
 peft = pytest.importorskip("peft")
@@ -105,7 +105,7 @@ def _seq_cls():
 
 
 def _keys(path):
-    with safe_open(os.path.join(path, bridge.WEIGHTS_NAME), "pt") as handle:
+    with safe_open(os.path.join(path, WEIGHTS_NAME), "pt") as handle:
         return sorted(handle.keys())
 
 

@@ -15,14 +15,14 @@ from safetensors import safe_open
 sys.path.insert(0, os.path.dirname(__file__))
 import torch_models as _models  # noqa: E402
 
-import bridge  # noqa: E402
+from bridge._src.peft_format import WEIGHTS_NAME  # noqa: E402
 import fourierft_torch  # noqa: E402
 
 peft = pytest.importorskip("peft")
 
 
 def _keys(path):
-    with safe_open(os.path.join(path, bridge.WEIGHTS_NAME), "pt") as handle:
+    with safe_open(os.path.join(path, WEIGHTS_NAME), "pt") as handle:
         return sorted(handle.keys()), handle.metadata()
 
 
@@ -123,17 +123,17 @@ def test_other_peft_type(tmp_path):
 
 def test_truncated_file(tmp_path):
     path = _saved(tmp_path)
-    data = (path / bridge.WEIGHTS_NAME).read_bytes()
-    (path / bridge.WEIGHTS_NAME).write_bytes(data[: len(data) - 7])
+    data = (path / WEIGHTS_NAME).read_bytes()
+    (path / WEIGHTS_NAME).write_bytes(data[: len(data) - 7])
     message = _untouched(lambda m: fourierft_torch.FourierFTModel.from_pretrained(m, path))
-    assert bridge.WEIGHTS_NAME in message
+    assert WEIGHTS_NAME in message
 
 
 def test_wrong_spectrum_length(tmp_path):
     path = _saved(tmp_path)
     from safetensors.torch import save_file
 
-    save_file({"base_model.model.lin0.fourierft_spectrum": torch.zeros(5)}, str(path / bridge.WEIGHTS_NAME),
+    save_file({"base_model.model.lin0.fourierft_spectrum": torch.zeros(5)}, str(path / WEIGHTS_NAME),
               metadata={"format": "pt"})
     message = _untouched(lambda m: fourierft_torch.FourierFTModel.from_pretrained(m, path))
     assert "lin0.fourierft_spectrum" in message and "(5,)" in message and "(6,)" in message
@@ -143,9 +143,9 @@ def test_extra_key(tmp_path):
     path = _saved(tmp_path)
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(str(path / bridge.WEIGHTS_NAME))
+    tensors = load_file(str(path / WEIGHTS_NAME))
     tensors["base_model.model.lin1.fourierft_spectrum"] = torch.zeros(6)
-    save_file(tensors, str(path / bridge.WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
     message = _untouched(lambda m: fourierft_torch.FourierFTModel.from_pretrained(m, path))
     assert "lin1.fourierft_spectrum" in message
 

@@ -1,6 +1,9 @@
-"""Adapter directories and base-model checkpoints on disk, and how an adapter's layers map onto a checkpoint.
+"""The folders the command line reads: PEFT adapter folders, base models' safetensors, and how they fit together.
 
-Shared by the ``fourierft`` commands (``inspect``, ``merge``, ``plot``). Reads headers and tensors with
+``open_adapters``/``select_adapter`` read a PEFT adapter folder (every adapter it holds); ``open_base`` reads a
+base model's safetensors (one file, or a folder with a sharded index) and its ``config.json`` model type;
+``resolve`` maps an adapter's layers and tensors onto the base model's keys. Shared by the ``fourierft`` commands
+(``inspect``, ``merge``, ``plot``, ``convert``). Reads headers and tensors with
 ``tensor_io`` (numpy only, bfloat16 included); never imports a framework. The base model's layer shapes are
 not in a PEFT adapter file, so they come from the base checkpoint's safetensors headers.
 """
@@ -119,7 +122,7 @@ def select_adapter(path: PathLike, adapter_name: Optional[str] = None) -> Adapte
         >>> select_adapter(tempfile.mkdtemp())
         Traceback (most recent call last):
         ...
-        bridge._src.checkpoint.CheckpointError: ... not a PEFT adapter directory
+        bridge._src.folders.CheckpointError: ... not a PEFT adapter directory
     """
     directory = os.fspath(path)
     if not os.path.isdir(directory):

@@ -1,0 +1,217 @@
+"""One adapted contraction: a model's ``dot_general`` whose operand is a view of an adapted kernel.
+
+Whatever layout the model gives the kernel (``KernelView``), FourierFT works on its ``(in, out)`` matrix: ``in``
+= the contracted kernel axes flattened in kernel order, ``out`` = the kept ones. ``DotPlan`` turns the input into
+``(tokens, in)``, the cotangent into ``(tokens, out)`` and the matrix ``ΔW`` into the operand's layout, so that
+the two fast forms of the 2-D layer serve every contraction:
+
+* ``"fused"``: ``dot(x, V + ΔV)`` with a hand-written backward that takes the spectrum gradient from the FFTs of
+  the ``(tokens, in)`` input and the ``(tokens, out)`` cotangent (``fused._spectrum_grads``) -- never the
+  weight-sized ``xᵀdy``;
+* ``"spectral"``: ``dot(x, V)`` plus the adapter's output computed from the input's spectrum
+  (``spectral.spectral_delta``), never building ``ΔW``.
+
+``"auto"`` picks one per call with ``choose_path``. A plain Dense contraction on a device mesh goes through
+``fused.fused_dense_multi``, which builds ``ΔW`` shard-locally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from .fused import _spectrum_grads, fused_dense_multi
+from .kernel_view import KernelView, arrange, gather_atoms
+from .layer import LayerSpec
+from .spectral import spectral_delta
+
+
+class ContractionError(ValueError):
+    """A kernel is contracted in a way FourierFT cannot map onto its ``(in, out)`` matrix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DotPlan:
+    """A ``dot_general`` of an input ``x`` with a kernel view: everything static about it (hashable)."""
+
+    kernel_side: int  # 0: the kernel is the lhs operand, 1: the rhs
+    dimension_numbers: Any
+    precision: Any
+    preferred_element_type: Any
+    view: KernelView
+    x_ndim: int
+
+    @property
+    def _dims(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        (lc, rc), (lb, rb) = self.dimension_numbers
+        kc, xc = (lc, rc) if self.kernel_side == 0 else (rc, lc)
+        kb, xb = (lb, rb) if self.kernel_side == 0 else (rb, lb)
+        return tuple(kc), tuple(xc), tuple(kb), tuple(xb)
+
+    @property
+    def kernel_contracting(self) -> tuple[int, ...]:
+        return self._dims[0]
+
+    @property
+    def kernel_free(self) -> tuple[int, ...]:
+        kc, _, kb, _ = self._dims
+        return tuple(d for d in range(len(self.view.axes)) if d not in kc and d not in kb)
+
+    @property
+    def x_free(self) -> tuple[int, ...]:
+        _, xc, _, xb = self._dims
+        return tuple(d for d in range(self.x_ndim) if d not in xc and d not in xb)
+
+    def contracted_axes(self) -> tuple[int, ...]:
+        """The kernel axes this contraction sums over (the matrix's ``in``); raises ``ContractionError``."""
+        kc, _, kb, _ = self._dims
+        if kb:
+            raise ContractionError("the kernel has batch dimensions in this dot_general")
+        inside = self.view.kernel_axes_of(kc)
+        kept = self.view.kernel_axes_of(self.kernel_free)
+        if inside & kept:
+            raise ContractionError(f"kernel axes {sorted(inside & kept)} are partly contracted and partly kept")
+        missing = [a for a, d in enumerate(self.view.root) if d > 1 and a not in inside | kept]
+        if missing or not inside or not kept:
+            raise ContractionError("the contraction does not split the kernel into contracted and kept axes")
+        # Size-1 kernel axes carry no atoms: count them with the kept axes (they do not change the matrix).
+        return tuple(sorted(inside))
+
+    # -- moving arrays between the dot's layouts and the (in, out) matrix ------------------------------------
+    def in_atoms(self):
+        return self.view.canonical(self.view.kernel_axes_of(self.kernel_contracting))
+
+    def out_atoms(self):
+        return self.view.canonical(self.view.kernel_axes_of(self.kernel_free))
+
+    def matrix_input(self, x: jax.Array) -> jax.Array:
+        """``x`` as ``(tokens, in)``, features in kernel order."""
+        kc, xc, _, _ = self._dims
+        order = sorted(range(len(kc)), key=lambda i: kc[i])
+        return gather_atoms(x, self.x_free, tuple(xc[i] for i in order),
+                            tuple(self.view.axes[kc[i]] for i in order), self.in_atoms())
+
+    def _output_x_first(self, y: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+        n_x, n_k = len(self.x_free), len(self.kernel_free)
+        if self.kernel_side == 1:
+            return y, tuple(range(n_x))
+        return jnp.transpose(y, tuple(range(n_k, n_k + n_x)) + tuple(range(n_k))), tuple(range(n_x))
+
+    def matrix_cotangent(self, dy: jax.Array) -> jax.Array:
+        """The output cotangent as ``(tokens, out)``, features in kernel order."""
+        moved, lead = self._output_x_first(dy)
+        n_x = len(lead)
+        return gather_atoms(moved, lead, tuple(range(n_x, moved.ndim)),
+                            tuple(self.view.axes[d] for d in self.kernel_free), self.out_atoms())
+
+    def output_from_matrix(self, delta: jax.Array, x_shape: Sequence[int]) -> jax.Array:
+        """A ``(tokens, out)`` result laid out as this dot's output."""
+        free_shape = tuple(x_shape[d] for d in self.x_free)
+        y = arrange(delta.reshape(free_shape + (delta.shape[-1],)), len(free_shape), self.out_atoms(),
+                    tuple(self.view.axes[d] for d in self.kernel_free))
+        if self.kernel_side == 1:
+            return y
+        n_x, n_k = len(free_shape), len(self.kernel_free)
+        return jnp.transpose(y, tuple(range(n_x, n_x + n_k)) + tuple(range(n_x)))
+
+    def operand_from_matrix(self, matrix: jax.Array) -> jax.Array:
+        """An ``(in, out)`` matrix laid out as the kernel operand of this dot."""
+        return arrange(matrix, 0, self.in_atoms() + self.out_atoms(), self.view.axes)
+
+    def tokens(self, x_shape: Sequence[int]) -> int:
+        return math.prod(int(x_shape[d]) for d in self.x_free)
+
+    def is_plain_dense(self, layer: LayerSpec) -> bool:
+        """``x[..., in] @ kernel[in, out]`` on the stored matrix: the 2-D Dense case."""
+        kc, xc, kb, _ = self._dims
+        return (self.kernel_side == 1 and not kb and kc == (0,) and xc == (self.x_ndim - 1,)
+                and self.view == KernelView.identity(layer.kernel_shape) and 1 not in layer.kernel_shape)
+
+    def dot(self, x: jax.Array, operand: jax.Array) -> jax.Array:
+        lhs, rhs = (operand, x) if self.kernel_side == 0 else (x, operand)
+        return jax.lax.dot_general(lhs, rhs, self.dimension_numbers, precision=self.precision,
+                                   preferred_element_type=self.preferred_element_type)
+
+
+def _delta_operand(spectra: Sequence[jax.Array], layers: Sequence[LayerSpec], plan: DotPlan) -> jax.Array:
+    from .delta import delta_kernel_f32  # the matrix form of ΔW, shared with merges
+
+    total = None
+    for spectrum, layer in zip(spectra, layers):
+        term = delta_kernel_f32(spectrum.astype(jnp.float32), layer.flat)
+        total = term if total is None else total + term
+    return plan.operand_from_matrix(total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused(x: jax.Array, operand: jax.Array, spectra: tuple, layers: tuple, plan: DotPlan) -> jax.Array:
+    return plan.dot(x, operand + _delta_operand(spectra, layers, plan).astype(operand.dtype))
+
+
+def _fused_fwd(x, operand, spectra, layers, plan):
+    return _fused(x, operand, spectra, layers, plan), (x, operand, spectra)
+
+
+def _fused_bwd(layers, plan, residuals, dy):
+    x, operand, spectra = residuals
+    effective = operand + _delta_operand(spectra, layers, plan).astype(operand.dtype)
+    dx = jax.vjp(lambda a: plan.dot(a, effective), x)[1](dy)[0]
+    # The frozen operand's gradient is only kept when someone asks for it (dead code under jit otherwise).
+    doperand = jax.vjp(lambda b: plan.dot(x, b), operand)[1](dy)[0]
+    grads = _spectrum_grads(plan.matrix_input(x), plan.matrix_cotangent(dy), tuple(l.flat for l in layers))
+    return dx, doperand, tuple(g.astype(s.dtype) for g, s in zip(grads, spectra))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def adapted_dot(
+    x: jax.Array,
+    operand: jax.Array,
+    spectra: Sequence[jax.Array],
+    layers: Sequence[LayerSpec],
+    plan: DotPlan,
+    path: str,
+    *,
+    sharding: Optional[Any] = None,
+) -> jax.Array:
+    """``dot_general(x, operand + ΔV)`` for the adapters ``layers`` (one kernel, several adapters).
+
+    ``path`` is ``"fused"`` or ``"spectral"``; ``sharding`` (the kernel's ``NamedSharding``) builds ``ΔW``
+    shard-locally for a plain Dense contraction.
+
+    Example:
+        >>> import numpy as np, bridge
+        >>> layer = LayerSpec(("q",), 6, 8, 5, 3.0, 777, kernel_dims=(2, 6, 4), in_axes=(1,))
+        >>> x, w, c = jnp.ones((3, 6)), jnp.zeros((2, 6, 4)), jnp.arange(1.0, 6.0)
+        >>> plan = DotPlan(1, (((1,), (1,)), ((), ())), None, None, KernelView.identity((2, 6, 4)), 2)
+        >>> ref = np.ones((3, 6)) @ bridge.delta_weight(np.arange(1.0, 6.0), layer.torch_indices, 8, 6, 3.0).T
+        >>> bool(np.allclose(adapted_dot(x, w, (c,), (layer,), plan, "spectral").reshape(3, 8), ref, atol=1e-4))
+        True
+    """
+    spectra, layers = tuple(spectra), tuple(layers)
+    for spectrum, layer in zip(spectra, layers):
+        layer.check_spectrum(jnp.shape(spectrum))
+    if path == "fused":
+        if sharding is not None and plan.is_plain_dense(layers[0]):
+            return fused_dense_multi(x, operand, spectra, tuple(l.flat for l in layers), precision=plan.precision,
+                                     sharding=sharding).astype(_result_dtype(x, operand, plan))
+        return _fused(x, operand, spectra, layers, plan)
+    y = plan.dot(x, operand)
+    flat_x = plan.matrix_input(x)
+    total = None
+    for spectrum, layer in zip(spectra, layers):
+        term = spectral_delta(flat_x, spectrum, layer.flat)
+        total = term if total is None else total + term
+    return y + plan.output_from_matrix(total, x.shape).astype(y.dtype)
+
+
+def _result_dtype(x: jax.Array, operand: jax.Array, plan: DotPlan) -> Any:
+    if plan.preferred_element_type is not None:
+        return plan.preferred_element_type
+    return jnp.result_type(x.dtype, operand.dtype)
