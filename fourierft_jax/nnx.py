@@ -1,4 +1,5 @@
-"""FourierFT for Flax NNX: swap targeted ``nnx.Linear`` modules for ``FourierFTLinear`` and back.
+"""FourierFT for Flax NNX: swap targeted ``nnx.Linear`` modules for ``FourierFTLinear`` -- and ``nnx.LinearGeneral`` /
+``nnx.Einsum`` modules (what ``nnx.MultiHeadAttention`` holds) for ``FourierFTGeneral`` -- and back.
 
 Layer stacks built with ``nnx.vmap`` and run with ``nnx.scan`` are adapted with ``apply(..., stacked="path")``: each
 stacked ``nnx.Linear`` gets one ``FourierFTLinear`` whose spectrum holds one row per layer, ``(L, n)``.
@@ -18,11 +19,12 @@ Example:
     20
 """
 
-from ._src.nnx_layer import FourierFTLinear, FourierFTSpectrum, FourierFTTrainable
+from ._src.nnx_layer import FourierFTGeneral, FourierFTLinear, FourierFTSpectrum, FourierFTTrainable
 from ._src.nnx_model import apply, merge_and_unload, set_disabled, unload
 from ._src.nnx_model import select_nnx_layers as select_layers
 
 __all__ = [
+    "FourierFTGeneral",
     "FourierFTLinear",
     "FourierFTSpectrum",
     "FourierFTTrainable",

@@ -22,11 +22,11 @@ from bridge._src.peft_format import KEY_PREFIX, adapter_keys, modules_to_save_na
 from bridge._src.peft_format import ORIGINAL as KIND_ORIGINAL
 from bridge._src.peft_format import SPECTRUM as KIND_SPECTRUM
 
-from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec
+from .adapter import BIAS, MODULES_TO_SAVE, SPECTRA, AdapterSpec, model_contractions
 from .saved import SavedAdapter, SavedSource, as_saved, attach, layer_spec, node_paths
 from .saved_common import flat_leaves
-from .targets import Stacks
-from .tree import Path, dotted
+from .targets import Stacks, _modules
+from .tree import Path, dotted, split_collection
 from .unroll import as_stacked, stack_table, unroll
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -243,8 +243,13 @@ def read_peft(
     adapter_name: Optional[str] = None,
     conv1d: Conv1DRule = None,
     stacked: Stacks = None,
+    trace: Optional[Callable[[Any], Any]] = None,
+    contracting: Optional[Mapping[str, Any]] = None,
 ) -> SavedAdapter:
     """Read a PEFT FourierFT adapter directory as a ``SavedAdapter`` in JAX names and layouts.
+
+    ``trace``/``contracting`` (as in ``fourierft_jax.apply``) give the contracted axes of N-D kernels (and make
+    bare-array kernels known), so a torch ``(out, in)`` layer maps onto a ``DenseGeneral``/``Einsum`` kernel.
 
     The layer shapes (which PEFT does not store) come from ``params`` (a linen params tree: also used to find JAX
     names and ``modules_to_save`` leaf names) or from ``shapes`` (``{torch layer name: (out, in)}``). Without
@@ -269,7 +274,7 @@ def read_peft(
         if not isinstance(params, Mapping):
             raise CheckpointError("read_peft: stacked= needs params (the stacked linen parameter tree)")
         return as_stacked(lambda view: read_peft(directory, view, name_map=name_map, adapter_name=adapter_name,
-                                                 conv1d=conv1d), params, stacked)
+                                                 conv1d=conv1d, contracting=contracting), params, stacked)
     name_map = name_map or NameMap()
     opened = select_adapter(directory, adapter_name)
     config, file = opened.config, opened.file
@@ -282,14 +287,17 @@ def read_peft(
     owners = {layer.name for layer in opened.layers} | set(bias_modules) | set(saved_torch)
     owners |= {name.rsplit(".", 1)[0] for name in member_of}
     owners.discard("")
+    kernels = _kernels(params, trace, contracting) if params is not None else {}
     known = node_paths(params) if params is not None else None
+    if known is not None:
+        known.update({dotted(path): path for path in kernels})
     flax_names = name_map.to_flax_names(sorted(owners), known_flax=known)
 
     def path_of(torch_name: str) -> Path:
         flax_name = flax_names[torch_name]
         return known[flax_name] if known is not None else tuple(flax_name.split("."))
 
-    layers = _layer_specs(opened, params, shapes, path_of)
+    layers = _layer_specs(opened, kernels if params is not None else None, shapes, path_of)
     spectra = {layer.name: _read_tensor(file, peft.key) for layer, peft in zip(layers, opened.layers)}
     biases = {dotted(path_of(m)): _read_tensor(file, opened.tensors[m + ".bias"]) for m in bias_modules}
     modules = _read_saved_modules(opened, member_of, params, path_of, conv1d)
@@ -325,21 +333,31 @@ def _classify_tensors(opened: Adapter) -> tuple[list[str], dict[str, str], list[
     return saved_torch, member_of, bias_modules
 
 
-def _layer_specs(opened: Adapter, params: Optional[Mapping[str, Any]],
+def _kernels(params: Any, trace: Optional[Callable[[Any], Any]], contracting: Optional[Mapping[str, Any]]
+             ) -> dict[Path, Any]:
+    """``{module path: targets.Kernel}`` of every linear layer of ``params`` (N-D ones need trace/contracting)."""
+    inner, _ = split_collection(params)
+    found = model_contractions(params, inner, trace, contracting)
+    return {path: kernel for path, _, info, kernel in _modules(inner, None, found) if kernel is not None}
+
+
+def _layer_specs(opened: Adapter, kernels: Optional[Mapping[Path, Any]],
                  shapes: Optional[Mapping[str, tuple[int, int]]], path_of: Callable[[str], Path]) -> list:
-    """One ``LayerSpec`` per adapted layer of the file, its shape from ``params`` (the Dense kernel) or
-    ``shapes``; every layer that does not fit is named in one ``AdapterFormatError``."""
+    """One ``LayerSpec`` per adapted layer of the file, its shape from the model's kernels or ``shapes``;
+    every layer that does not fit is named in one ``AdapterFormatError``."""
     layers = []
     problems = []
     for layer in opened.layers:
         path = path_of(layer.name)
-        if params is not None:
-            node = _subtree(params, path)
-            kernel = node.get("kernel") if isinstance(node, Mapping) else None
-            if kernel is None or np.ndim(kernel) != 2:
-                problems.append(f"layer {layer.name!r} -> {dotted(path)!r}: no 2-D Dense kernel in the params")
+        layout: dict[str, Any] = {}
+        if kernels is not None:
+            kernel = kernels.get(path)
+            if kernel is None:
+                problems.append(f"layer {layer.name!r} -> {dotted(path)!r}: no linear layer's kernel in the params "
+                                "(an N-D kernel needs trace= or contracting=)")
                 continue
-            in_features, out_features = (int(d) for d in np.shape(kernel))
+            out_features, in_features = kernel.torch_shape
+            layout = {"kernel_leaf": kernel.leaf, "kernel_dims": kernel.dims, "in_axes": kernel.in_axes}
         else:
             if layer.name not in shapes:
                 problems.append(f"layer {layer.name!r}: no shape given for it")
@@ -349,7 +367,7 @@ def _layer_specs(opened: Adapter, params: Optional[Mapping[str, Any]],
             problems.append(f"layer {layer.name!r}: spectrum has shape ({layer.n_frequency},) but the layer "
                             f"{out_features} x {in_features} has room for {in_features * out_features} coefficients")
             continue
-        layers.append(layer_spec(path, in_features, out_features, layer.n_frequency, opened.config))
+        layers.append(layer_spec(path, in_features, out_features, layer.n_frequency, opened.config, **layout))
     if problems:
         raise bridge.AdapterFormatError(f"adapter {opened.directory} does not fit the model: " + "; ".join(problems))
     return layers
@@ -429,9 +447,12 @@ def import_peft(
     adapter_name: Optional[str] = None,
     conv1d: Conv1DRule = None,
     stacked: Stacks = None,
+    trace: Optional[Callable[[Any], Any]] = None,
+    contracting: Optional[Mapping[str, Any]] = None,
 ) -> Any:
-    """Load a PEFT adapter directory onto a JAX model: a linen params tree gives a ``FourierFTAdapter``, an NNX
-    model is adapted in place and returned. Strict: every key, name and shape is checked first.
+    """Load a PEFT adapter directory onto a JAX model: a parameter pytree gives a ``FourierFTAdapter``, an NNX
+    model is adapted in place and returned. Strict: every key, name and shape is checked first. ``trace`` /
+    ``contracting`` as in ``fourierft_jax.apply`` (for N-D kernels).
 
     ``stacked`` names the layer stacks of the model (as in ``fourierft_jax.apply``): a file written
     for the unrolled model (``encoder.layer.<i>.<rest>``) is loaded as stacked spectra (see ``read_peft``).
@@ -445,14 +466,16 @@ def import_peft(
         >>> import_peft(folder, {"q": {"kernel": np.zeros((8, 4), np.float32)}}).trainable["default"]["spectra"]["q"]
         Array([1., 1.], dtype=float32)
     """
-    if isinstance(target, Mapping):
+    from flax import nnx
+
+    if not isinstance(target, nnx.Module):
         view = target
     else:
         from .saved_nnx import nnx_params_view
 
         view = nnx_params_view(target)
     saved = read_peft(directory, view, name_map=name_map, adapter_name=adapter_name, conv1d=conv1d,
-                      stacked=stacked)
+                      stacked=stacked, trace=trace, contracting=contracting)
     return attach(saved, target, adapter_name=adapter_name or "default")
 
 

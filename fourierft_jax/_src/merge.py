@@ -118,8 +118,8 @@ def merge_params(
     for name, spec in static.adapters:
         state = adapter_state(trainable, name)
         for layer in spec.layers:
-            path = layer.path + ("kernel",)
-            kernel = updates[path] if path in updates else check_kernel(inner, layer.kernel_path, layer.param_shape)
+            path = layer.kernel_path
+            kernel = updates[path] if path in updates else check_kernel(inner, path, layer.param_shape)
             spectrum = layer_spectrum(state, layer, name)
             sharding = kernel_sharding(shardings, layer.path, layer.kernel_leaf)
             if sharding is None:

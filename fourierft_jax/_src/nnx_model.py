@@ -1,9 +1,12 @@
-"""Model surgery for NNX: swap targeted ``nnx.Linear`` modules for ``FourierFTLinear`` and back.
+"""Model surgery for NNX: swap targeted ``nnx.Linear`` modules for ``FourierFTLinear`` (and ``nnx.LinearGeneral`` /
+``nnx.Einsum`` modules, e.g. the projections inside ``nnx.MultiHeadAttention``, for ``FourierFTGeneral``) and back.
 
 Targets are chosen by the linen rules (``targets.select_layers``) applied to a linen-shaped *view* of the module
-tree: one dict per module, with ``kernel`` shown only for ``nnx.Linear`` so that nothing else can be picked as a
-linear layer. Layer stacks made by ``nnx.vmap`` (``stacked=``) are unrolled into ``stack.<i>.…`` names exactly as
-for linen ``nn.scan`` trees.
+tree: one dict per module, with ``kernel`` shown only for the modules FourierFT can adapt, so that nothing else
+can be picked as a linear layer. An N-D kernel's contraction is read from the module's own attributes (no example
+input is needed): ``LinearGeneral`` contracts its leading ``len(in_features)`` kernel axes, an ``Einsum`` the
+kernel letters of its ``einsum_str`` that the output lacks. Layer stacks made by ``nnx.vmap`` (``stacked=``) are
+unrolled into ``stack.<i>.…`` names exactly as for linen ``nn.scan`` trees.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from flax import nnx
 import bridge
 
 from .layer import LayerSpec
-from .nnx_layer import FourierFTLinear, FourierFTTrainable
-from .targets import Stacks, module_infos, select_layers, stack_requests
+from .nnx_layer import FourierFTGeneral, FourierFTLinear, FourierFTTrainable
+from .targets import Stacks, _modules as target_modules, select_layers, stack_of, stack_requests
 from .tree import Path, dotted
 
 NnxPath = tuple[Any, ...]
@@ -51,12 +54,125 @@ def _key(path: NnxPath) -> Path:
     return tuple(str(key) for key in path)
 
 
-def module_view(model: nnx.Module) -> dict[str, Any]:
+# Module types whose kernel FourierFT adapts (exact types: a subclass may contract its kernel differently).
+GENERAL_TYPES = (nnx.LinearGeneral, nnx.Einsum)
+
+
+def einsum_contraction(einsum_str: str, kernel_shape: tuple[int, ...]) -> tuple[int, ...] | str:
+    """The kernel axes an ``nnx.Einsum`` contracts (its kernel is the second operand: the letters the output
+    lacks), or a sentence saying why its kernel is no ``(in, out)`` matrix.
+
+    Example:
+        >>> einsum_contraction("btd,ndh->btnh", (2, 8, 4))
+        (1,)
+        >>> einsum_contraction("bnd,ndh->bnh", (2, 8, 4))[:60]
+        "nnx.Einsum 'bnd,ndh->bnh' whose kernel axis 0 ('n') is a batch"
+    """
+    spec = einsum_str.replace(" ", "")
+    where = f"nnx.Einsum {spec!r}"
+    if spec.count("->") != 1 or spec.split("->")[0].count(",") != 1:
+        return f"{where} (FourierFT needs an explicit 'input,kernel->output' equation)"
+    operands, out = spec.split("->")
+    x, kernel = operands.split(",")
+    if "." in kernel:
+        return f"{where} with an ellipsis in its kernel operand (FourierFT needs one letter per kernel axis)"
+    if len(kernel) != len(kernel_shape):
+        return f"{where} whose kernel operand {kernel!r} does not match its {len(kernel_shape)}-D kernel {kernel_shape}"
+    if len(set(kernel)) != len(kernel):
+        return f"{where} that repeats a letter in its kernel operand (a diagonal, no (in, out) matrix)"
+    contracted = []
+    for axis, letter in enumerate(kernel):
+        if letter in x and letter in out:
+            return (f"{where} whose kernel axis {axis} ({letter!r}) is a batch axis (in the input, the kernel and "
+                    "the output); FourierFT needs every kernel axis either contracted with the input or kept in the "
+                    "output")
+        if letter not in x and letter not in out:
+            return (f"{where} that sums its kernel axis {axis} ({letter!r}) on its own; FourierFT needs every "
+                    "kernel axis either contracted with the input or kept in the output")
+        if letter in x:
+            contracted.append(axis)
+    if not contracted or len(contracted) == len(kernel):
+        return f"{where} that does not split its kernel into contracted and kept axes"
+    return tuple(contracted)
+
+
+def _per_layer(module: nnx.Module, expected: tuple[int, ...], stacked: bool) -> tuple[int, ...] | str:
+    shape = tuple(int(d) for d in module.kernel.shape)
+    have = shape[1:] if stacked else shape
+    if have != tuple(int(d) for d in expected):
+        hint = "" if stacked else " (an nnx.vmap layer stack? name it in stacked=)"
+        return (f"{type(module).__name__} whose kernel {shape} is not the {tuple(expected)} its attributes "
+                f"describe{hint}")
+    return have
+
+
+def kernel_contraction(module: nnx.Module, stacked: bool = False) -> tuple[int, ...] | str | None:
+    """The axes of one layer's kernel (stacked: without the layer axis) that ``module`` contracts with its
+    input, a sentence saying why FourierFT cannot adapt it, or None for a module with no adaptable kernel.
+
+    Size-1 contracted axes are left out when larger ones exist (they do not change the ``(in, out)`` matrix).
+
+    Example:
+        >>> from flax import nnx
+        >>> kernel_contraction(nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=nnx.Rngs(0)))
+        (0, 1)
+        >>> kernel_contraction(nnx.Einsum("bd,dnh->bnh", (6, 2, 4), rngs=nnx.Rngs(0)))
+        (0,)
+        >>> kernel_contraction(nnx.Embed(4, 3, rngs=nnx.Rngs(0))) is None
+        True
+    """
+    kind = type(module)
+    if kind is nnx.Linear:
+        # A Linear with some other kernel (an unnamed vmap stack) is reported by select_nnx_layers.
+        ok = not isinstance(_per_layer(module, (module.in_features, module.out_features), stacked), str)
+        return (0,) if ok else None
+    if kind is nnx.LinearGeneral:
+        if module.batch_axis:
+            return (f"nnx.LinearGeneral with batch_axis {dict(module.batch_axis)} (its kernel has batch axes, "
+                    "no (in, out) matrix)")
+        dims = _per_layer(module, tuple(module.in_features) + tuple(module.out_features), stacked)
+        axes: tuple[int, ...] | str = tuple(range(len(module.in_features)))
+    elif kind is nnx.Einsum:
+        if module.einsum_str is None:
+            return ("nnx.Einsum without an einsum_str (given at call time); FourierFT reads the contraction from "
+                    "the module's own einsum_str")
+        dims = _per_layer(module, tuple(module.kernel_shape), stacked)
+        axes = einsum_contraction(module.einsum_str, dims) if not isinstance(dims, str) else dims
+    else:
+        return None
+    if isinstance(dims, str):
+        return dims
+    if isinstance(axes, str):
+        return axes
+    large = tuple(a for a in axes if dims[a] > 1)
+    return large or axes
+
+
+def _adaptable(model: nnx.Module, stacked: Stacks = None) -> tuple[dict[Path, tuple[int, ...]], dict[Path, str]]:
+    """``({module path: contracted axes of the stored kernel}, {module path: why not})`` for the Linear,
+    LinearGeneral and Einsum modules of ``model`` (a stacked module's axes count its leading layer axis)."""
+    heads = stack_requests(stacked)
+    axes: dict[Path, tuple[int, ...]] = {}
+    reasons: dict[Path, str] = {}
+    for path, module in _modules(model):
+        key = _key(path)
+        in_stack = stack_of(key, heads) is not None
+        found = kernel_contraction(module, in_stack)
+        if isinstance(found, str):
+            reasons[key] = found
+        elif found is not None:
+            axes[key] = tuple(a + 1 for a in found) if in_stack else found
+    return axes, reasons
+
+
+def module_view(model: nnx.Module, stacked: Stacks = None) -> dict[str, Any]:
     """The module tree of ``model`` as a linen-style nested dict of ``jax.ShapeDtypeStruct``s (string keys).
 
-    Every module is a dict holding its own Variables; only an ``nnx.Linear`` shows a ``kernel`` (any other module's
-    ``kernel``/``embedding`` is renamed ``"kernel (Conv)"``...), so ``targets.select_layers`` treats exactly the
-    ``nnx.Linear`` modules as linear layers. A stack made by ``nnx.vmap`` shows its arrays with the layer axis.
+    Every module is a dict holding its own Variables; only a module FourierFT can adapt (``nnx.Linear``, and an
+    ``nnx.LinearGeneral``/``nnx.Einsum`` whose kernel is an ``(in, out)`` matrix, see ``kernel_contraction``)
+    shows a ``kernel`` (any other module's ``kernel``/``embedding`` is renamed ``"kernel (Conv)"``...), so
+    ``targets.select_layers`` treats exactly those modules as linear layers. A stack made by ``nnx.vmap`` shows
+    its arrays with the layer axis.
 
     Example:
         >>> from flax import nnx
@@ -64,10 +180,12 @@ def module_view(model: nnx.Module) -> dict[str, Any]:
         ...     def __init__(self, rngs):
         ...         self.fc = nnx.Linear(6, 4, rngs=rngs)
         ...         self.conv = nnx.Conv(2, 2, (3,), rngs=rngs)
+        ...         self.q = nnx.LinearGeneral(6, (2, 3), rngs=rngs)
         >>> view = module_view(nnx.eval_shape(lambda: One(nnx.Rngs(0))))
-        >>> view["fc"]["kernel"].shape, sorted(view["conv"])
-        ((6, 4), ['bias', 'kernel (Conv)'])
+        >>> view["fc"]["kernel"].shape, sorted(view["conv"]), view["q"]["kernel"].shape
+        ((6, 4), ['bias', 'kernel (Conv)'], (6, 2, 3))
     """
+    adaptable, _ = _adaptable(model, stacked)
     root: dict[str, Any] = {}
     for path, module in _modules(model):
         node = root
@@ -77,7 +195,8 @@ def module_view(model: nnx.Module) -> dict[str, Any]:
             if not isinstance(variable, nnx.Variable) or getattr(variable, "shape", None) is None:
                 continue
             name = attribute
-            if attribute in ("kernel", "embedding") and type(module) is not nnx.Linear:
+            shown = type(module) is nnx.Linear or _key(path) in adaptable
+            if attribute in ("kernel", "embedding") and not (attribute == "kernel" and shown):
                 name = f"{attribute} ({type(module).__name__})"
             node[name] = jax.ShapeDtypeStruct(tuple(variable.shape), variable.dtype)
     return root
@@ -91,7 +210,11 @@ def select_nnx_layers(
     output_layer: Optional[str] = None,
     stacked: Stacks = None,
 ) -> tuple[LayerSpec, ...]:
-    """The ``LayerSpec`` of every ``nnx.Linear`` of ``model`` that ``config`` adapts (PEFT's rules, as for linen).
+    """The ``LayerSpec`` of every ``nnx.Linear``, ``nnx.LinearGeneral`` and ``nnx.Einsum`` of ``model`` that ``config``
+    adapts (PEFT's rules, as for linen). An N-D kernel's spec has ``kernel_dims``/``in_axes`` (its ``(in, out)``
+    matrix view, the torch shape PEFT export uses), read from the module (``kernel_contraction``); a targeted
+    module whose kernel is contracted in a way FourierFT cannot express (an Einsum batch axis...) raises
+    ``TypeError`` naming its path and why.
 
     ``stacked`` names modules made by ``nnx.vmap`` (every Variable under them has the layer axis first); their
     layers are matched under the unrolled names ``stack.<i>.…`` and a selected stacked kernel is one ``LayerSpec``
@@ -120,20 +243,24 @@ def select_nnx_layers(
                 f"(nnx.vmap(..., out_axes=0), scanned with axis 0), got axis {axis}"
             )
     modules = _modules(model)
-    view = module_view(model)
-    # The view hides the class of non-Linear modules; matching once more with the real classes makes a target that
-    # names, e.g., an nnx.Embed fail with "... is a Embed ..." as it does for PEFT.
+    adaptable, reasons = _adaptable(model, stacked)
+    view = module_view(model, stacked)
+    # The view hides the class of modules it cannot adapt; matching once more with the real classes makes a target
+    # that names, e.g., an nnx.Embed fail with "... is a Embed ..." as it does for PEFT.
     kinds = {(): type(model).__name__, **{_key(path): type(module).__name__ for path, module in modules}}
+    kinds.update(reasons)
     for path, module in modules:
         if type(module) is nnx.Linear and len(module.kernel.shape) != 2:
             kinds[_key(path)] = (f"nnx.Linear with a {len(module.kernel.shape)}-D kernel {tuple(module.kernel.shape)} "
                                  "(an nnx.vmap layer stack? name it in stacked=)")
+    contractions = {key + ("kernel",): axes for key, axes in adaptable.items()}
     infos = [
         info if info.kind == bridge.LINEAR else bridge.ModuleInfo(info.name, kinds.get(path, info.kind))
-        for path, _, info in module_infos(view, stacked)
+        for path, _, info, _ in target_modules(view, stacked, contractions)
     ]
     bridge.select_targets(config, infos, model_type=model_type, output_layer=output_layer)
-    layers = select_layers(view, config, model_type=model_type, output_layer=output_layer, stacked=stacked)
+    layers = select_layers(view, config, model_type=model_type, output_layer=output_layer, stacked=stacked,
+                           contractions=contractions)
     for layer in layers:
         if layer.stacked and len(layer.stack_ids) != layer.stack_size:
             head = dotted(layer.path[: layer.stack_depth])
@@ -155,10 +282,14 @@ def apply(
     mode: str = "spectral",
     stacked: Stacks = None,
 ) -> nnx.Module:
-    """Replace (in place) each ``nnx.Linear`` that ``config`` targets with a ``FourierFTLinear``; returns ``model``.
+    """Replace (in place) each ``nnx.Linear`` that ``config`` targets with a ``FourierFTLinear``, and each targeted
+    ``nnx.LinearGeneral``/``nnx.Einsum`` (e.g. ``attention.query`` of an ``nnx.MultiHeadAttention``) with a
+    ``FourierFTGeneral``; returns ``model``.
 
     Names are the dotted attribute paths (``layers.0.attention.query``) matched by PEFT's rules
-    (``bridge.select_targets``). With ``bias`` set, trained biases become ``FourierFTTrainable`` (an
+    (``bridge.select_targets``). ``mode`` is the layers' forward form: ``"spectral"`` (default), ``"fused"``,
+    ``"auto"`` (fused or spectral per call, ``choose_path``) or ``"merge"`` (see ``nnx_layer``); all but
+    ``"merge"`` train without a weight-sized gradient. With ``bias`` set, trained biases become ``FourierFTTrainable`` (an
     ``nnx.LoRAParam``), and so do all parameters of ``modules_to_save``: ``wrt=nnx.LoRAParam`` trains exactly
     the adapter. Everything is validated before the model is touched.
 
@@ -193,7 +324,8 @@ def apply(
     ]
     # Model order (not target order), so that the spectra drawn from ``rngs`` do not depend on the config.
     replacements = [
-        (path, FourierFTLinear(module, layers[_key(path)], rngs=rngs, init_weights=config.init_weights, mode=mode))
+        (path, (FourierFTLinear if type(module) is nnx.Linear else FourierFTGeneral)(
+            module, layers[_key(path)], rngs=rngs, init_weights=config.init_weights, mode=mode))
         for path, module in modules
         if _key(path) in layers
     ]
@@ -251,7 +383,8 @@ def _replace_adapted(model: nnx.Module, merge: bool, safe_merge: bool = False) -
 
 
 def merge_and_unload(model: nnx.Module, *, safe_merge: bool = False) -> nnx.Module:
-    """Replace every ``FourierFTLinear`` by its base ``nnx.Linear`` with kernel ``W + ΔW`` (in place).
+    """Replace every ``FourierFTLinear``/``FourierFTGeneral`` by its base module with kernel ``W + ΔW`` (in place;
+    an N-D kernel gets ``ΔW`` in its own layout).
 
     Example:
         >>> import fourierft_jax
@@ -268,7 +401,8 @@ def merge_and_unload(model: nnx.Module, *, safe_merge: bool = False) -> nnx.Modu
 
 
 def unload(model: nnx.Module) -> nnx.Module:
-    """Replace every ``FourierFTLinear`` by its untouched base ``nnx.Linear`` (in place); trained biases stay.
+    """Replace every ``FourierFTLinear``/``FourierFTGeneral`` by its untouched base module (in place); trained biases
+    stay.
 
     Example:
         >>> import fourierft_jax

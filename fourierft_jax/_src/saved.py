@@ -158,9 +158,9 @@ def check_params(saved: SavedAdapter, params: Mapping[str, Any]) -> None:
         return _Found(node)
 
     for layer in saved.spec.layers:
-        found = lookup(layer.path + ("kernel",))
+        found = lookup(layer.kernel_path)
         if not isinstance(found, _Found):
-            problems.append(f"layer {layer.name!r}: no Dense kernel at {dotted(layer.path + ('kernel',))!r} "
+            problems.append(f"layer {layer.name!r}: no kernel at {dotted(layer.kernel_path)!r} "
                             f"(missing {found!r})")
         elif _shape(found.value) != layer.param_shape:
             problems.append(f"layer {layer.name!r}: kernel has shape {_shape(found.value)} in the parameters but "
@@ -270,9 +270,10 @@ def as_saved(
 
 
 def layer_spec(path: Path, in_features: int, out_features: int, n_frequency: int,
-               config: bridge.FourierFTConfig, **stack: Any) -> LayerSpec:
-    """A ``LayerSpec`` with the config's scaling and seed; ``stack`` holds its stack fields (``stack_axis``,
-    ``stack_size``, ``stack_ids``, ``stack_depth``) for a stacked kernel.
+               config: bridge.FourierFTConfig, **fields: Any) -> LayerSpec:
+    """A ``LayerSpec`` with the config's scaling and seed; ``fields`` holds its stack fields (``stack_axis``,
+    ``stack_size``, ``stack_ids``, ``stack_depth``) for a stacked kernel and its kernel layout (``kernel_leaf``,
+    ``kernel_dims``, ``in_axes``) for an N-D or non-``kernel`` leaf, as ``stack_fields`` writes them.
 
     Example:
         >>> layer_spec(("q",), 8, 4, 3, bridge.FourierFTConfig()).seed
@@ -281,29 +282,41 @@ def layer_spec(path: Path, in_features: int, out_features: int, n_frequency: int
         ...            stack_depth=1).torch_names
         ('l.1.q',)
     """
-    if stack.get("stack_axis") is not None:
-        stack = dict(stack_axis=int(stack["stack_axis"]), stack_size=int(stack["stack_size"]),
-                     stack_ids=tuple(int(i) for i in stack["stack_ids"]), stack_depth=int(stack["stack_depth"]))
-    else:
-        stack = {}
+    extra: dict[str, Any] = {}
+    if fields.get("stack_axis") is not None:
+        extra = dict(stack_axis=int(fields["stack_axis"]), stack_size=int(fields["stack_size"]),
+                     stack_ids=tuple(int(i) for i in fields["stack_ids"]), stack_depth=int(fields["stack_depth"]))
+    if "kernel_leaf" in fields:
+        extra["kernel_leaf"] = str(fields["kernel_leaf"])
+    for name in ("kernel_dims", "in_axes"):
+        if fields.get(name):
+            extra[name] = tuple(int(d) for d in fields[name])
     return LayerSpec(tuple(path), int(in_features), int(out_features), int(n_frequency), float(config.scaling),
-                     int(config.random_loc_seed), **stack)
+                     int(config.random_loc_seed), **extra)
 
 
-STACK_FIELDS = ("stack_axis", "stack_size", "stack_ids", "stack_depth")
+STACK_FIELDS = ("stack_axis", "stack_size", "stack_ids", "stack_depth", "kernel_leaf", "kernel_dims", "in_axes")
 
 
 def stack_fields(layer: LayerSpec) -> dict[str, Any]:
-    """The stack fields of a layer as JSON-ready values (empty for an unstacked layer).
+    """The stack and kernel-layout fields of a layer as JSON-ready values (empty for a plain Dense kernel).
 
     Example:
         >>> stack_fields(layer_spec(("q",), 8, 4, 3, bridge.FourierFTConfig()))
         {}
+        >>> stack_fields(layer_spec(("q",), 8, 12, 3, bridge.FourierFTConfig(), kernel_leaf="w", kernel_dims=[8, 3, 4],
+        ...                         in_axes=[0]))
+        {'kernel_leaf': 'w', 'kernel_dims': [8, 3, 4], 'in_axes': [0]}
     """
-    if not layer.stacked:
-        return {}
-    return {"stack_axis": layer.stack_axis, "stack_size": layer.stack_size, "stack_ids": list(layer.stack_ids),
-            "stack_depth": layer.stack_depth}
+    out: dict[str, Any] = {}
+    if layer.stacked:
+        out = {"stack_axis": layer.stack_axis, "stack_size": layer.stack_size, "stack_ids": list(layer.stack_ids),
+               "stack_depth": layer.stack_depth}
+    if layer.kernel_leaf != "kernel":
+        out["kernel_leaf"] = layer.kernel_leaf
+    if layer.kernel_dims:
+        out.update(kernel_dims=list(layer.kernel_dims), in_axes=list(layer.in_axes))
+    return out
 
 
 def node_paths(params: Mapping[str, Any]) -> dict[str, Path]:
