@@ -114,6 +114,8 @@ def run_variant(variant: str, targets: str, steps: int, args) -> dict:
 
     import fourierft_jax
 
+    import fourierft_jax._src
+
     model = build_model(args.layers, args.hidden, args.heads, args.intermediate)
     ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, 30522)
     labels = jax.random.randint(jax.random.key(2), (args.batch,), 0, 2)
@@ -141,7 +143,7 @@ def run_variant(variant: str, targets: str, steps: int, args) -> dict:
         forward = adapter.make_apply(model.apply, mode=variant)
     elif variant == "lora":
         config = fourierft_jax.FourierFTConfig(n_frequency=1, target_modules=TARGETS[targets])
-        layers = fourierft_jax.select_layers(params["params"], config)
+        layers = fourierft_jax._src.select_layers(params["params"], config)
         keys = jax.random.split(jax.random.key(3), len(layers))
         trainable = {
             l.name: {"A": jax.random.normal(k, (l.in_features, 8)) / 8.0, "B": jnp.zeros((8, l.out_features))}
@@ -212,10 +214,10 @@ def run_delta(args) -> dict:
 
     out = {"variant": "delta"}
     for shape in ((args.hidden, args.hidden), (args.hidden, args.intermediate)):
-        layer = fourierft_jax.LayerSpec(("x",), shape[0], shape[1], args.n_frequency, 150.0, 777)
+        layer = fourierft_jax._src.LayerSpec(("x",), shape[0], shape[1], args.n_frequency, 150.0, 777)
         c = jax.random.normal(jax.random.key(0), (args.n_frequency,))
         for method in ("irfft2", "ifft2"):
-            f = jax.jit(lambda c, m=method: fourierft_jax.delta_kernel(c, layer, m))
+            f = jax.jit(lambda c, m=method: fourierft_jax._src.delta_kernel(c, layer, m))
             jax.block_until_ready(f(c))
             times = []
             for _ in range(20):
@@ -253,7 +255,7 @@ def run_layers(args) -> dict:
     out = {"variant": "layers", "tokens": tokens}
     shapes = ((args.hidden, args.hidden), (args.hidden, args.intermediate), (args.intermediate, args.hidden))
     for n_in, n_out in shapes:
-        layer = fourierft_jax.LayerSpec(("x",), n_in, n_out, args.n_frequency, 150.0, 777)
+        layer = fourierft_jax._src.LayerSpec(("x",), n_in, n_out, args.n_frequency, 150.0, 777)
         keys = jax.random.split(jax.random.key(0), 4)
         x = jax.random.normal(keys[0], (tokens, n_in))
         w = jax.random.normal(keys[1], (n_in, n_out)) / n_in**0.5
@@ -271,7 +273,7 @@ def run_layers(args) -> dict:
             "floor": vjp_of(lambda x, c: x @ w),
             "fused": vjp_of(lambda x, c: fused_dense(x, w, c, layer)),
             "spectral": vjp_of(lambda x, c: x @ w + spectral_delta(x, c, layer)),
-            "merge": vjp_of(lambda x, c: x @ (w + fourierft_jax.delta_kernel(c, layer))),
+            "merge": vjp_of(lambda x, c: x @ (w + fourierft_jax._src.delta_kernel(c, layer))),
         }
         col_half, row_half, sign, _ = _grad_plan(layer)
 
@@ -284,7 +286,7 @@ def run_layers(args) -> dict:
 
         parts = {
             "matmul x@W": (lambda x: x @ w, x),
-            "irfft2 ΔW build": (lambda c: fourierft_jax.delta_kernel(c, layer), c),
+            "irfft2 ΔW build": (lambda c: fourierft_jax._src.delta_kernel(c, layer), c),
             "rfft x": (lambda x: jnp.fft.rfft(x, axis=-1), x),
             "rfft dy": (lambda dy: jnp.fft.rfft(dy, axis=-1), dy),
             "rffts + gather-sum (dc)": (grad_gather, x, dy),

@@ -48,6 +48,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import fourierft_jax  # noqa: E402
+import fourierft_jax._src  # noqa: E402
 
 TARGETS = ["up", "down"]
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--batch", type=int, default=64, help="global batch (rows)")
     parser.add_argument("--lr", type=float, default=5e-2)
     parser.add_argument("--n-frequency", type=int, default=200)
-    parser.add_argument("--mode", default=fourierft_jax.DEFAULT_MODE, help="make_apply mode")
+    parser.add_argument("--mode", default=fourierft_jax._src.DEFAULT_MODE, help="make_apply mode")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/multidevice_adapter", help="where save_adapter writes")

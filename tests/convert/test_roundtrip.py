@@ -13,6 +13,7 @@ from flax import nnx
 import bridge
 from bridge._src.peft_format import WEIGHTS_NAME, read_shapes
 import fourierft_jax
+import fourierft_jax._src
 from convert_models import D, D_IN, N_CLASSES, Net, inputs, init
 
 from fourierft_jax._src.saved import AdapterMismatchError

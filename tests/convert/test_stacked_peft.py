@@ -16,6 +16,7 @@ import bridge
 from bridge._src.config import CONFIG_NAME
 from bridge._src.peft_format import WEIGHTS_NAME, read_shapes
 import fourierft_jax
+import fourierft_jax._src
 from fourierft_jax._src.saved import AdapterMismatchError
 
 torch = pytest.importorskip("torch")

@@ -14,7 +14,8 @@ import pytest
 
 import bridge
 import fourierft_jax
-from fourierft_jax import LayerSpec
+import fourierft_jax._src
+from fourierft_jax._src import LayerSpec
 from fourierft_jax._src.fused import fused_dense, fused_dense_multi
 from fourierft_jax._src.intercept import choose_path
 from fftjax_models import D_HID, D_IN, MLP, init_mlp, numpy_mlp, reference_deltas, rel_err

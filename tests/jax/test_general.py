@@ -12,6 +12,7 @@ import pytest
 
 import bridge
 import fourierft_jax
+import fourierft_jax._src
 from fourierft_jax._src.trace import ContractionTraceError
 
 D, N, H, K, F, V = 16, 4, 6, 2, 24, 11

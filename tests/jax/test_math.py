@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import bridge
-from fourierft_jax import LayerSpec
-from fourierft_jax import delta_kernel as _delta_kernel
-from fourierft_jax import spectral_delta as _spectral_delta
+from fourierft_jax._src import LayerSpec
+from fourierft_jax._src import delta_kernel as _delta_kernel
+from fourierft_jax._src import spectral_delta as _spectral_delta
 
 # One compilation per shape instead of one per eager op keeps these tests fast.
 delta_kernel = jax.jit(_delta_kernel, static_argnums=(1, 2))

@@ -11,6 +11,7 @@ from flax import nnx
 
 import bridge
 import fourierft_jax
+import fourierft_jax._src
 from fourierft_jax._src.saved import from_nnx
 from fourierft_jax._src.saved_nnx import nnx_params_view
 
@@ -168,7 +169,7 @@ def test_stacked_layers_match_linen_and_unrolled_names(linen):
     params, _ = linen
     stacked, flat = _adapted_pair(params)
     layers = {layer.name: layer for layer in _layers(stacked)}
-    linen_layers = fourierft_jax.select_layers(params["params"], _config(), stacked=STACK)
+    linen_layers = fourierft_jax._src.select_layers(params["params"], _config(), stacked=STACK)
     assert layers == {layer.name: layer for layer in linen_layers}
     assert {name: layer.spectrum_shape for name, layer in layers.items()} == {
         "encoder.layer.fc1": (L, 40), "encoder.layer.fc2": (L, 40), "head": (40,)}

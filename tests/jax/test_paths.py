@@ -8,6 +8,7 @@ from flax import nnx
 
 import bridge
 import fourierft_jax
+import fourierft_jax._src
 from fftjax_models import D_IN, MLP, init_mlp, nnx_twin, numpy_mlp, reference_deltas, rel_err
 
 TARGETS = ["fc1", "fc2", "head"]
@@ -104,7 +105,7 @@ def test_bfloat16_kernels(setup):
     kernel = merged["params"]["encoder"]["fc1"]["kernel"]
     assert kernel.dtype == jnp.bfloat16
     # ΔW is built in float32 and cast at the add
-    delta = fourierft_jax.delta_kernel(adapter.trainable["default"]["spectra"]["encoder.fc1"],
+    delta = fourierft_jax._src.delta_kernel(adapter.trainable["default"]["spectra"]["encoder.fc1"],
                                        adapter.specs["default"].layers[0])
     expected = params["params"]["encoder"]["fc1"]["kernel"] + delta.astype(jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(kernel, np.float32), np.asarray(expected, np.float32))

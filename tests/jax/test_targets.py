@@ -8,6 +8,7 @@ import pytest
 
 import bridge
 import fourierft_jax
+import fourierft_jax._src
 from fftjax_models import MLP, init_mlp
 
 HIDDEN, INTER, LAYERS, VOCAB = 32, 48, 3, 50
@@ -122,7 +123,7 @@ def test_targets_match_bridge_on_torch_twin(trees, fields):
     torch_infos, shapes = trees
     config = fourierft_jax.FourierFTConfig(n_frequency=16, **fields)
     expected = bridge.select_targets(config, torch_infos, model_type="bert")
-    got = fourierft_jax.select_layers(shapes["params"], config, model_type="bert")
+    got = fourierft_jax._src.select_layers(shapes["params"], config, model_type="bert")
     assert sorted((t.name, t.out_features, t.in_features, t.n_frequency) for t in expected) == sorted(
         (l.name, l.out_features, l.in_features, l.n_frequency) for l in got
     )
@@ -134,7 +135,7 @@ def test_targeting_a_non_dense_module_names_it(trees):
     for target, kind in (("word_embeddings", "Embed"), ("attention", "module")):
         config = fourierft_jax.FourierFTConfig(n_frequency=4, target_modules=[target])
         with pytest.raises(TypeError, match=rf"{target}.*{kind}"):
-            fourierft_jax.select_layers(shapes["params"], config)
+            fourierft_jax._src.select_layers(shapes["params"], config)
 
 
 def test_general_kernel_is_rejected_with_its_path():

@@ -8,6 +8,7 @@ import pytest
 
 import bridge
 import fourierft_jax
+import fourierft_jax._src
 from fftjax_models import D_HID, D_IN, MLP, init_mlp, rel_err
 
 
@@ -22,12 +23,12 @@ def setup():
 
 
 def test_layer_gradients_match_dense_formula():
-    layer = fourierft_jax.LayerSpec(("fc",), in_features=10, out_features=14, n_frequency=17, scaling=9.0, seed=5)
+    layer = fourierft_jax._src.LayerSpec(("fc",), in_features=10, out_features=14, n_frequency=17, scaling=9.0, seed=5)
     rng = np.random.default_rng(0)
     c, x, g = rng.standard_normal(17), rng.standard_normal((4, 10)), rng.standard_normal((4, 14))
 
     def loss(c, x):
-        return jnp.sum(fourierft_jax.spectral_delta(x, c, layer) * g)
+        return jnp.sum(fourierft_jax._src.spectral_delta(x, c, layer) * g)
 
     grad_c, grad_x = jax.grad(loss, argnums=(0, 1))(jnp.asarray(c, jnp.float32), jnp.asarray(x, jnp.float32))
     # ΔW is linear in c: dL/dc_k = Σ g ⊙ (x ΔW(e_k)ᵀ); dL/dx = g ΔW(c).
@@ -37,7 +38,7 @@ def test_layer_gradients_match_dense_formula():
     assert rel_err(grad_c, expected_c) < 1e-5
     assert rel_err(grad_x, expected_x) < 1e-5
     # the merge path's gradient through irfft2 agrees too
-    grad_merge = jax.grad(lambda c: jnp.sum((x @ fourierft_jax.delta_kernel(c, layer)) * g))(jnp.asarray(c, jnp.float32))
+    grad_merge = jax.grad(lambda c: jnp.sum((x @ fourierft_jax._src.delta_kernel(c, layer)) * g))(jnp.asarray(c, jnp.float32))
     assert rel_err(grad_merge, expected_c) < 1e-5
 
 
@@ -133,7 +134,7 @@ def test_static_is_a_hashable_jit_argument(setup):
 
     def merged_kernel(params, trainable, static):
         traces.append(1)
-        return fourierft_jax.merge_params(params, trainable, static)["params"]["encoder"]["fc1"]["kernel"]
+        return fourierft_jax._src.merge_params(params, trainable, static)["params"]["encoder"]["fc1"]["kernel"]
 
     merge = jax.jit(merged_kernel, static_argnums=2)
     first = merge(params, adapter.trainable, adapter.static)

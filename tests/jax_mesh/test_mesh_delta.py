@@ -9,7 +9,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mesh_models import make_mesh
 
 import fourierft_jax
-from fourierft_jax import LayerSpec
+import fourierft_jax._src
+from fourierft_jax._src import LayerSpec
 
 
 def reference(spectrum, layer):
@@ -49,11 +50,11 @@ def test_sharded_delta_value_and_gradient(mesh_name, layer, spec):
     spectrum = rng.standard_normal(layer.spectrum_shape).astype(np.float32)
     cotangent = rng.standard_normal(layer.param_shape).astype(np.float32)
 
-    delta, pull = jax.vjp(lambda c: fourierft_jax.sharded_delta(c, layer, sharding), jnp.asarray(spectrum))
+    delta, pull = jax.vjp(lambda c: fourierft_jax._src.sharded_delta(c, layer, sharding), jnp.asarray(spectrum))
     want = reference(spectrum, layer)
     assert delta.shape == layer.param_shape and delta.sharding.is_equivalent_to(sharding, len(layer.param_shape))
     np.testing.assert_allclose(np.asarray(delta), want, rtol=0, atol=1e-5 * np.abs(want).max())
-    np.testing.assert_allclose(np.asarray(delta), np.asarray(fourierft_jax.delta_kernel(spectrum, layer)),
+    np.testing.assert_allclose(np.asarray(delta), np.asarray(fourierft_jax._src.delta_kernel(spectrum, layer)),
                                rtol=0, atol=1e-5 * np.abs(want).max())
 
     # ΔW is linear in the spectrum: ∂<G, ΔW>/∂c_k = <G, ΔW(e_k)>.
@@ -65,4 +66,4 @@ def test_sharded_delta_value_and_gradient(mesh_name, layer, spec):
 
 def test_sharded_delta_checks_the_spectrum_shape():
     with pytest.raises(ValueError, match="'q'"):
-        fourierft_jax.sharded_delta(jnp.zeros(3), FLAT, NamedSharding(make_mesh("8"), P("data")))
+        fourierft_jax._src.sharded_delta(jnp.zeros(3), FLAT, NamedSharding(make_mesh("8"), P("data")))
