@@ -165,6 +165,12 @@ def run_variant(variant: str, args) -> dict:
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
+    if args.cost:  # XLA's own count for the compiled step: independent of the machine's load
+        cost = step.lower(trainable, opt_state, params, ids).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return {"variant": variant, "gflops": cost.get("flops", float("nan")) / 1e9,
+                "gbytes": cost.get("bytes accessed", float("nan")) / 1e9, "adapted": adapted}
+
     start = time.perf_counter()
     trainable, opt_state, loss = jax.block_until_ready(step(trainable, opt_state, params, ids))
     compile_s = time.perf_counter() - start
@@ -196,6 +202,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--n-frequency", type=int, default=1000)
     parser.add_argument("--variants", default=VARIANTS)
+    parser.add_argument("--cost", action="store_true",
+                        help="print XLA's cost analysis (GFLOP, GB accessed) of each compiled step instead of timing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -205,6 +213,8 @@ def main() -> None:
 
     variants = args.variants.split(",")
     passthrough = [a for a in sys.argv[1:]]
+    if args.cost:
+        args.rounds = 1
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for round_ in range(args.rounds):
         for variant in variants:
@@ -219,6 +229,18 @@ def main() -> None:
             warned = [l for l in proc.stderr.splitlines() if "Warning" in l]
             print(f"round {round_} {json.dumps(result)}" + (f" warnings: {warned[:3]}" if warned else ""),
                   file=sys.stderr, flush=True)
+
+    if args.cost:
+        base = runs[variants[0]][0]
+        print(f"XLA cost analysis of the compiled step, {args.layers} layers, batch {args.batch}x{args.seq} "
+              f"(ratios to {variants[0]}):")
+        print("| variant | GFLOP | ratio | GB accessed | ratio |")
+        print("|---|---|---|---|---|")
+        for v in variants:
+            r = runs[v][0]
+            print(f"| {v} | {r['gflops']:.1f} | {r['gflops'] / base['gflops']:.2f}× | {r['gbytes']:.2f} | "
+                  f"{r['gbytes'] / base['gbytes']:.2f}× |")
+        return
 
     def summary(variant):
         rs = runs[variant]

@@ -17,6 +17,15 @@ Example:
     >>> optimizer = nnx.Optimizer(model, optax.adamw(5e-2), wrt=nnx.LoRAParam)
     >>> sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
     20
+
+An N-D kernel's contraction is read from its module (``LinearGeneral``'s features, ``Einsum``'s equation), so
+attention projections are adapted without an example input:
+
+    >>> attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=nnx.Rngs(0))
+    >>> attn = fourierft_jax.nnx.apply(attn, fourierft_jax.FourierFTConfig(n_frequency=6, target_modules=["query",
+    ...                                "value"]), rngs=nnx.Rngs(1), mode="fused")
+    >>> type(attn.query).__name__, attn.query.layer.dims, attn(jnp.ones((1, 3, 8))).shape
+    ('FourierFTGeneral', (8, 2, 4), (1, 3, 8))
 """
 
 from ._src.nnx_layer import FourierFTGeneral, FourierFTLinear, FourierFTSpectrum, FourierFTTrainable

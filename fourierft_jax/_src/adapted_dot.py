@@ -45,6 +45,13 @@ class DotPlan:
     preferred_element_type: Any
     view: KernelView
     x_ndim: int
+    out_sharding: Any = None
+
+    @classmethod
+    def of(cls, side: int, params: dict, view: KernelView, x_ndim: int) -> "DotPlan":
+        """The plan of a ``dot_general`` equation (its ``params``) whose operand ``side`` is the kernel view."""
+        return cls(side, params["dimension_numbers"], params.get("precision"), params.get("preferred_element_type"),
+                   view, x_ndim, params.get("out_sharding"))
 
     @property
     def _dims(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -135,7 +142,7 @@ class DotPlan:
     def dot(self, x: jax.Array, operand: jax.Array) -> jax.Array:
         lhs, rhs = (operand, x) if self.kernel_side == 0 else (x, operand)
         return jax.lax.dot_general(lhs, rhs, self.dimension_numbers, precision=self.precision,
-                                   preferred_element_type=self.preferred_element_type)
+                                   preferred_element_type=self.preferred_element_type, out_sharding=self.out_sharding)
 
 
 def _delta_operand(spectra: Sequence[jax.Array], layers: Sequence[LayerSpec], plan: DotPlan) -> jax.Array:

@@ -45,8 +45,7 @@ class _Adapters:
         return [(layer.unstacked, row) for (layer, _), row in zip(entries, tracked.rows)]
 
     def dot(self, x: Any, tracked: Tracked, side: int, params: dict) -> Any:
-        plan = DotPlan(side, params["dimension_numbers"], params["precision"], params["preferred_element_type"],
-                       tracked.view, jnp.ndim(x))
+        plan = DotPlan.of(side, params, tracked.view, jnp.ndim(x))
         entries = self._layers(tracked)
         layer = entries[0][0]
         try:
@@ -70,10 +69,7 @@ class _Adapters:
                            sharding=sharding)
 
     def _merged_dot(self, x: Any, tracked: Tracked, side: int, params: dict, why: str) -> Any:
-        operand = self.materialize(tracked, why)
-        lhs, rhs = (operand, x) if side == 0 else (x, operand)
-        return jax.lax.dot_general(lhs, rhs, params["dimension_numbers"], precision=params["precision"],
-                                   preferred_element_type=params["preferred_element_type"])
+        return DotPlan.of(side, params, tracked.view, jnp.ndim(x)).dot(x, self.materialize(tracked, why))
 
     def materialize(self, tracked: Tracked, why: str) -> Any:
         entries = self._layers(tracked)

@@ -202,5 +202,5 @@ class LayerSpec:
 
     @property
     def kernel_indices(self) -> np.ndarray:
-        """The same positions over the Flax kernel ``(in, out)``: PEFT's rows and columns swapped (SPEC §3)."""
+        """The same positions over the Flax kernel ``(in, out)``: PEFT's rows and columns swapped (docs/method.md)."""
         return self.torch_indices[::-1]

@@ -289,9 +289,9 @@ def apply(
     Names are the dotted attribute paths (``layers.0.attention.query``) matched by PEFT's rules
     (``bridge.select_targets``). ``mode`` is the layers' forward form: ``"spectral"`` (default), ``"fused"``,
     ``"auto"`` (fused or spectral per call, ``choose_path``) or ``"merge"`` (see ``nnx_layer``); all but
-    ``"merge"`` train without a weight-sized gradient. With ``bias`` set, trained biases become ``FourierFTTrainable`` (an
-    ``nnx.LoRAParam``), and so do all parameters of ``modules_to_save``: ``wrt=nnx.LoRAParam`` trains exactly
-    the adapter. Everything is validated before the model is touched.
+    ``"merge"`` train without a weight-sized gradient. With ``bias`` set, trained biases become
+    ``FourierFTTrainable`` (an ``nnx.LoRAParam``), and so do all parameters of ``modules_to_save``:
+    ``wrt=nnx.LoRAParam`` trains exactly the adapter. Everything is validated before the model is touched.
 
     ``stacked`` (as in ``fourierft_jax.apply``: a dotted path, a list of them, or ``{path: 0}``) names modules
     created by ``nnx.vmap`` and run with ``nnx.scan``; their layers are matched as ``path.<i>.…`` and each adapted

@@ -28,7 +28,7 @@ def multi_lr(
 ) -> optax.GradientTransformation:
     """AdamW (or ``make``) with ``spectra_lr`` for spectra and ``head_lr`` for biases / ``modules_to_save``.
 
-    The paper's ranges: 1e-2 … 1.2e-1 for spectra, 1e-3 … 1e-2 for a classifier head (SPEC §8); tiny spectra
+    The paper's ranges: 1e-2 … 1.2e-1 for spectra, 1e-3 … 1e-2 for a classifier head (docs/method.md, "Learning rates"); tiny spectra
     learning rates such as 1e-4 barely move the model.
 
     Example:

@@ -82,8 +82,8 @@ def _plain(values: Sequence[Any], handler: Handler, why: str) -> list:
 
 
 _IDENTITY_LAYOUT = {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier"}
-_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
-          "remat2", "checkpoint", "remat"}
+_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
+_REMAT = {"remat2", "checkpoint", "remat"}
 
 
 def _tracked_eqn(eqn: Any, invals: list, handler: Handler) -> list:
@@ -109,6 +109,8 @@ def _tracked_eqn(eqn: Any, invals: list, handler: Handler) -> list:
         if closed is not None:
             inner, consts = (closed.jaxpr, closed.consts) if hasattr(closed, "consts") else (closed, ())
             return interpret(inner, consts, invals, handler)
+    if name in _REMAT:
+        return _remat(eqn, invals, handler)
     if name == "scan":
         return _scan(eqn, invals, handler)
     if name == "cond":
@@ -156,6 +158,23 @@ def _scan(eqn: Any, invals: list, handler: Handler) -> list:
     carry, ys = jax.lax.scan(step, init, (xs, [rows for _, rows, _ in sliced.values()]), length=params["length"],
                              reverse=params["reverse"], unroll=params["unroll"])
     return list(carry) + list(ys)
+
+
+def _remat(eqn: Any, invals: list, handler: Handler) -> list:
+    # Keep the model's rematerialisation: the rewritten body runs under the same checkpoint policy, with the
+    # tracked kernels' arrays passed in (so they are inputs of the checkpoint, not recomputed constants).
+    params = eqn.params
+    tracked_at = [i for i, v in enumerate(invals) if isinstance(v, Tracked)]
+
+    def body(*values: Any) -> list:
+        args = list(values)
+        for i in tracked_at:
+            args[i] = invals[i].moved(values[i], invals[i].view)
+        return _plain(interpret(params["jaxpr"], (), args, handler), handler, "checkpoint output")
+
+    values = [v.value if isinstance(v, Tracked) else v for v in invals]
+    wrapped = jax.checkpoint(body, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy"))
+    return list(wrapped(*values))
 
 
 def _cond(eqn: Any, invals: list, handler: Handler) -> list:

@@ -56,6 +56,12 @@ def _kernel_of(array: Any, leaf: str, path: Path, stack_axis: Optional[int],
     if axes is not None and axes and axes[0] == "conflict":
         return (f"kernel {shape} that the traced model contracts in two different ways (axes "
                 f"{[list(a) for a in axes[1]]}); declare one with contracting=", None)
+    if axes is not None and axes and axes[0] == "scanned":
+        _, scanned, axes = axes
+        if stack_axis != scanned:
+            where = "without a stacked= entry" if stack_axis is None else f"but stacked= gives axis {stack_axis}"
+            return (f"kernel {shape} that the traced model scans over along axis {scanned} (a layer stack) "
+                    f"{where}: name its stack with stacked={{'<stack path>': {scanned}}}", None)
     if axes is not None and stack_axis is not None:
         axes = tuple(a - (a > stack_axis) for a in axes if a != stack_axis)
     if axes is None:

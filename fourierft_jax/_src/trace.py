@@ -32,8 +32,7 @@ class _Recorder:
         self.uses.setdefault(tracked.key, set()).add(use)
 
     def dot(self, x: Any, tracked: Tracked, side: int, params: dict) -> Any:
-        plan = DotPlan(side, params["dimension_numbers"], params["precision"], params["preferred_element_type"],
-                       tracked.view, jnp.ndim(x))
+        plan = DotPlan.of(side, params, tracked.view, jnp.ndim(x))
         try:
             axes = plan.contracted_axes()
         except ContractionError as error:
@@ -41,11 +40,9 @@ class _Recorder:
         else:
             stack = tracked.stack
             if stack is not None:  # contracted inside a scan over ``stack``: count axes of the stored array
-                axes = tuple(a + (a >= stack) for a in axes)
+                axes = ("scanned", stack, tuple(a + (a >= stack) for a in axes))
             self._note(tracked, ("dot", axes))
-        return plan.dot(x, tracked.value) if side == 1 else jax.lax.dot_general(
-            tracked.value, x, params["dimension_numbers"], precision=params["precision"],
-            preferred_element_type=params["preferred_element_type"])
+        return plan.dot(x, tracked.value)
 
     def materialize(self, tracked: Tracked, why: str) -> Any:
         self._note(tracked, ("other", why))
@@ -57,7 +54,9 @@ class _Recorder:
 
 def contractions(params: Any, fn: Callable[[Any], Any]) -> dict[Path, Optional[tuple[int, ...]]]:
     """``{kernel leaf path: contracted axes}`` for every float array of ``params`` with two or more axes;
-    ``None`` for those the model never contracts (embeddings, norms, unused).
+    ``None`` for those the model never contracts (embeddings, norms, unused). A kernel contracted one layer at a
+    time inside a scan over its axis ``s`` gives ``("scanned", s, axes)`` (its layer stack must be named with
+    ``stacked=``); one contracted in two ways ``("conflict", (axes, ...))``.
 
     Paths are relative to the ``params`` collection, as in target selection.
 

@@ -380,7 +380,6 @@ def test_einsum_without_einsum_str_is_refused():
             self.late = nnx.Einsum("bd,dh->bh", (D, 4), rngs=rngs)
             self.late.einsum_str = None  # the equation is only given at call time
 
-
     with pytest.raises(TypeError, match=r"'late'.*einsum_str"):
         fourierft_jax.nnx.apply(Late(nnx.Rngs(0)), _config(target_modules=["late"]), rngs=nnx.Rngs(1))
 

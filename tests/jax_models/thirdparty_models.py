@@ -88,16 +88,24 @@ class ThirdPartyModel:
     fn: Callable[..., Any]
     inputs: tuple
     layouts: dict[str, Layout]  # module name → layout: exactly what target_modules="all-linear" selects
-    never: tuple[str, ...]  # module names (embeddings, norms) that no config may select
+    never: tuple[str, ...]  # module names (embeddings, norms; named by the rule above) that nothing selects
     output_layer: Optional[str] = None  # the LM head, which "all-linear" leaves out (PEFT's rule)
     stacked: Any = None  # the ``stacked=`` argument for ``fourierft_jax.apply``
-    run64: Optional[Callable[..., np.ndarray]] = None  # float64 forward: run64(params_float64_numpy, *inputs)
+    make_fn64: Optional[Callable[[], Callable]] = None  # under jax.enable_x64: a float64 twin of ``fn``
     to_torch: Optional[list[tuple[str, str]]] = None  # NameMap(to_torch=...) rules onto the torch twin
     targets: tuple[str, ...] = ()  # a target_modules list ("query"/"value"-like) and what it selects:
     selected_by_targets: tuple[str, ...] = ()
 
     def trace(self, params):
         return self.fn(params, *self.inputs)
+
+    def run64(self, params, *inputs) -> np.ndarray:
+        """``fn`` in float64 (params and float inputs cast) on ``inputs`` (default: the example inputs)."""
+        inputs = inputs or self.inputs
+        with jax.enable_x64(True):
+            fn64 = self.make_fn64()
+            p64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), params)
+            return np.asarray(jax.jit(fn64)(p64, *[jnp.asarray(x) for x in inputs]))
 
 
 def get_path(tree, path: Sequence):
@@ -113,17 +121,6 @@ def set_path(tree, path: Sequence, value):
     out = dict(tree)
     out[path[0]] = set_path(tree[path[0]], path[1:], value)
     return out
-
-
-def _x64_runner(fn):
-    """``fn`` run in float64: params and inputs become float64 (floats) under ``jax.enable_x64``."""
-
-    def run(params64, *inputs):
-        with jax.enable_x64(True):
-            params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), params64)
-            return np.asarray(jax.jit(fn)(params, *[jnp.asarray(x) for x in inputs]))
-
-    return run
 
 
 def _tokens(batch=2, length=7, vocab=64, seed=0):
@@ -186,21 +183,17 @@ def keras_fn(model, output=None):
     return fn
 
 
-def _keras_run64(cls, config, wrap=None):
-    """A float64 copy of a keras-hub model (built once, under x64) run on float64 params."""
+def _keras_fn64(cls, config, wrap=None):
+    """A factory of the float64 ``fn`` of a keras-hub model (its float64 copy is built once, under x64)."""
     state = {}
 
-    def run(params64, *inputs):
-        with jax.enable_x64(True):
-            if "fn" not in state:
-                _, keras_hub = _keras()
-                backbone = cls(**config, dtype="float64")
-                model = wrap(backbone) if wrap else backbone
-                state["fn"] = jax.jit(keras_fn(model))
-            params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), params64)
-            return np.asarray(state["fn"](params, *[jnp.asarray(x) for x in inputs]))
+    def make():
+        if "fn" not in state:
+            backbone = cls(**config, dtype="float64")
+            state["fn"] = keras_fn(wrap(backbone) if wrap else backbone)
+        return state["fn"]
 
-    return run
+    return make
 
 
 def _keras_llama_layouts(c) -> dict[str, Layout]:
@@ -244,10 +237,10 @@ def keras_llama_backbone(seed: int = 0) -> ThirdPartyModel:
         fn=keras_fn(model),
         inputs=(tokens, np.ones_like(tokens)),
         layouts=_keras_llama_layouts(KERAS_LLAMA),
-        never=_norms(layers, ["self_attention_layernorm", "feedforward_layernorm"],
+        never=_norms(layers, ["self_attention_layernorm.scale", "feedforward_layernorm.scale"],
                      ["token_embedding.embeddings", "token_embedding.reverse_embeddings",
-                      "sequence_output_layernorm"]),
-        run64=_keras_run64(keras_hub.models.LlamaBackbone, KERAS_LLAMA),
+                      "sequence_output_layernorm.scale"]),
+        make_fn64=_keras_fn64(keras_hub.models.LlamaBackbone, KERAS_LLAMA),
         to_torch=KERAS_LLAMA_TO_TORCH,
         targets=("query", "value"),
         selected_by_targets=tuple(f"{p}.self_attention.{m}" for p in layers for m in ("query", "value")),
@@ -273,10 +266,10 @@ def keras_llama_causal_lm(seed: int = 0) -> ThirdPartyModel:
         fn=keras_fn(model),
         inputs=(tokens, np.ones_like(tokens)),
         layouts=_keras_llama_layouts(KERAS_LLAMA),
-        never=_norms(layers, ["self_attention_layernorm", "feedforward_layernorm"],
-                     ["token_embedding.embeddings", "sequence_output_layernorm"]),
+        never=_norms(layers, ["self_attention_layernorm.scale", "feedforward_layernorm.scale"],
+                     ["token_embedding.embeddings", "sequence_output_layernorm.scale"]),
         output_layer="token_embedding.reverse_embeddings",
-        run64=_keras_run64(keras_hub.models.LlamaBackbone, KERAS_LLAMA, wrap=_causal_lm),
+        make_fn64=_keras_fn64(keras_hub.models.LlamaBackbone, KERAS_LLAMA, wrap=_causal_lm),
         to_torch=KERAS_LLAMA_TO_TORCH,
         targets=("query", "value"),
         selected_by_targets=tuple(f"{p}.self_attention.{m}" for p in layers for m in ("query", "value")),
@@ -313,9 +306,9 @@ def keras_gemma_backbone(seed: int = 0) -> ThirdPartyModel:
         fn=keras_fn(model),
         inputs=(tokens, np.ones_like(tokens)),
         layouts=layouts,
-        never=_norms(prefixes, ["pre_attention_norm", "pre_ffw_norm"],
-                     ["token_embedding.embeddings", "final_normalization"]),
-        run64=_keras_run64(keras_hub.models.GemmaBackbone, c),
+        never=_norms(prefixes, ["pre_attention_norm.scale", "pre_ffw_norm.scale"],
+                     ["token_embedding.embeddings", "final_normalization.scale"]),
+        make_fn64=_keras_fn64(keras_hub.models.GemmaBackbone, c),
         targets=("query", "value"),
         selected_by_targets=tuple(f"{p}.attention.{m}" for p in prefixes for m in ("query", "value")),
     )
@@ -378,9 +371,10 @@ def gemma_transformer(num_kv_heads: int = 2, transpose_gating_einsum: bool = Tru
         fn=lambda v, tokens: model.apply(v, tokens).logits,
         inputs=(tokens,),
         layouts=layouts,
-        never=_norms(prefixes, ["pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"],
-                     ["embedder.input_embedding", "final_norm"]),
-        run64=_x64_runner(lambda v, tokens: model64.apply(v, tokens).logits),
+        never=_norms(prefixes, ["pre_attention_norm.scale", "post_attention_norm.scale", "pre_ffw_norm.scale",
+                                "post_ffw_norm.scale"],
+                     ["embedder.input_embedding", "final_norm.scale"]),
+        make_fn64=lambda: (lambda v, tokens: model64.apply(v, tokens).logits),
         targets=(first, "attn_vec_einsum"),
         selected_by_targets=tuple(f"{p}.attn.{m}" for p in prefixes for m in (first, "attn_vec_einsum")),
     )
@@ -413,7 +407,7 @@ def easydel_llama(seed: int = 0) -> ThirdPartyModel:
         never=_norms(prefixes, ["input_layernorm", "post_attention_layernorm"],
                      ["model.embed_tokens.embedding", "model.norm"]),
         output_layer="lm_head",
-        run64=_x64_runner(look.easydel_llama_logits),
+        make_fn64=lambda: look.easydel_llama_logits,
         to_torch=EASYDEL_TO_TORCH,
         targets=("q_proj", "v_proj"),
         selected_by_targets=tuple(f"{p}.self_attn.{m}" for p in prefixes for m in ("q_proj", "v_proj")),
@@ -462,11 +456,12 @@ def maxtext_llama(seed: int = 0) -> ThirdPartyModel:
         fn=look.maxtext_llama_logits,
         inputs=(_tokens(vocab=look.V, seed=seed),),
         layouts=layouts,
-        never=("token_embedder.embedding", "decoder.decoder_norm", "decoder.layers.pre_self_attention_layer_norm",
-               "decoder.layers.post_self_attention_layer_norm"),
+        never=("token_embedder.embedding", "decoder.decoder_norm.scale",
+               "decoder.layers.pre_self_attention_layer_norm.scale",
+               "decoder.layers.post_self_attention_layer_norm.scale"),
         output_layer="decoder.logits_dense",
         stacked={"decoder.layers": ax},
-        run64=_x64_runner(look.maxtext_llama_logits),
+        make_fn64=lambda: look.maxtext_llama_logits,
         to_torch=MAXTEXT_TO_TORCH,
         targets=("query", "value"),
         selected_by_targets=("decoder.layers.self_attention.query", "decoder.layers.self_attention.value"),
