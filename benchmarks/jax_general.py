@@ -14,6 +14,7 @@ Variants, each in its own subprocess (so peak RSS is per variant), interleaved o
 Prints min and median step times over all rounds, their ratios to the floor of the same run, and peak RSS.
 
     flock /tmp/bench.lock python benchmarks/jax_general.py --layers 2 --steps 5 --rounds 3
+    python benchmarks/jax_general.py --layers 2 --cost   # XLA's FLOP/byte counts per variant, no timing
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ the two fast forms of the 2-D layer serve every contraction:
 * ``"spectral"``: ``dot(x, V)`` plus the adapter's output computed from the input's spectrum
   (``spectral.spectral_delta``), never building ``ΔW``.
 
-``"auto"`` picks one per call with ``choose_path``. A plain Dense contraction on a device mesh goes through
-``fused.fused_dense_multi``, which builds ``ΔW`` shard-locally.
+``"auto"`` picks one per call with ``choose_path``. On a device mesh the fused form builds ``ΔW`` shard-locally
+(``sharded_delta`` on the matrix's block sharding) and reduces the spectrum gradient as ``n`` floats.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from .fused import _spectrum_grads, fused_dense_multi
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .delta import delta_kernel_f32
+from .fused import _feature_axes, _sharded_spectrum_grads, _spectrum_grads
+from .sharding import sharded_delta
 from .kernel_view import KernelView, arrange, gather_atoms
 from .layer import LayerSpec
 from .spectral import spectral_delta
@@ -133,44 +137,76 @@ class DotPlan:
     def tokens(self, x_shape: Sequence[int]) -> int:
         return math.prod(int(x_shape[d]) for d in self.x_free)
 
-    def is_plain_dense(self, layer: LayerSpec) -> bool:
-        """``x[..., in] @ kernel[in, out]`` on the stored matrix: the 2-D Dense case."""
-        kc, xc, kb, _ = self._dims
-        return (self.kernel_side == 1 and not kb and kc == (0,) and xc == (self.x_ndim - 1,)
-                and self.view == KernelView.identity(layer.kernel_shape) and 1 not in layer.kernel_shape)
-
     def dot(self, x: jax.Array, operand: jax.Array) -> jax.Array:
         lhs, rhs = (operand, x) if self.kernel_side == 0 else (x, operand)
         return jax.lax.dot_general(lhs, rhs, self.dimension_numbers, precision=self.precision,
                                    preferred_element_type=self.preferred_element_type, out_sharding=self.out_sharding)
 
 
-def _delta_operand(spectra: Sequence[jax.Array], layers: Sequence[LayerSpec], plan: DotPlan) -> jax.Array:
-    from .delta import delta_kernel_f32  # the matrix form of ΔW, shared with merges
+def matrix_sharding(layer: LayerSpec, sharding: Any) -> Optional[NamedSharding]:
+    """The sharding of ``layer``'s ``(in, out)`` matrix that its stored kernel's ``NamedSharding`` implies, or
+    None where that is not a block sharding of the matrix (a split axis after the first of its group: the
+    flattened axis would be strided, not blocked).
 
+    Example:
+        >>> import numpy as np, jax
+        >>> from jax.sharding import Mesh, PartitionSpec as P
+        >>> mesh = Mesh(np.array(jax.devices()[:1]), ("model",))
+        >>> layer = LayerSpec(("q",), 8, 12, 3, 1.0, 0, kernel_dims=(8, 3, 4), in_axes=(0,))
+        >>> matrix_sharding(layer, NamedSharding(mesh, P(None, "model", None))).spec
+        P(None, 'model')
+    """
+    if not isinstance(sharding, NamedSharding):
+        return None
+    dims = layer.dims
+    entries = list(sharding.spec) + [None] * (len(dims) - len(sharding.spec))
+    if len(entries) != len(dims):
+        return None
+    split = lambda entry: entry is not None and any(  # noqa: E731
+        sharding.mesh.shape[a] > 1 for a in ((entry,) if isinstance(entry, str) else entry))
+    matrix = []
+    for group in (layer.contracted, layer.out_axes):
+        group = [a for a in group if dims[a] != 1]
+        if any(split(entries[a]) for a in group[1:]):
+            return None
+        matrix.append(entries[group[0]] if group else None)
+    return NamedSharding(sharding.mesh, PartitionSpec(*matrix))
+
+
+def _delta_operand(spectra: Sequence[jax.Array], layers: Sequence[LayerSpec], plan: DotPlan,
+                   sharding: Optional[NamedSharding]) -> jax.Array:
     total = None
     for spectrum, layer in zip(spectra, layers):
-        term = delta_kernel_f32(spectrum.astype(jnp.float32), layer.flat)
+        spectrum = spectrum.astype(jnp.float32)
+        term = delta_kernel_f32(spectrum, layer.flat) if sharding is None else sharded_delta(spectrum, layer.flat,
+                                                                                               sharding)
         total = term if total is None else total + term
     return plan.operand_from_matrix(total)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(x: jax.Array, operand: jax.Array, spectra: tuple, layers: tuple, plan: DotPlan) -> jax.Array:
-    return plan.dot(x, operand + _delta_operand(spectra, layers, plan).astype(operand.dtype))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(x: jax.Array, operand: jax.Array, spectra: tuple, layers: tuple, plan: DotPlan,
+           sharding: Optional[NamedSharding]) -> jax.Array:
+    return plan.dot(x, operand + _delta_operand(spectra, layers, plan, sharding).astype(operand.dtype))
 
 
-def _fused_fwd(x, operand, spectra, layers, plan):
-    return _fused(x, operand, spectra, layers, plan), (x, operand, spectra)
+def _fused_fwd(x, operand, spectra, layers, plan, sharding):
+    return _fused(x, operand, spectra, layers, plan, sharding), (x, operand, spectra)
 
 
-def _fused_bwd(layers, plan, residuals, dy):
+def _fused_bwd(layers, plan, sharding, residuals, dy):
     x, operand, spectra = residuals
-    effective = operand + _delta_operand(spectra, layers, plan).astype(operand.dtype)
+    effective = operand + _delta_operand(spectra, layers, plan, sharding).astype(operand.dtype)
     dx = jax.vjp(lambda a: plan.dot(a, effective), x)[1](dy)[0]
     # The frozen operand's gradient is only kept when someone asks for it (dead code under jit otherwise).
     doperand = jax.vjp(lambda b: plan.dot(x, b), operand)[1](dy)[0]
-    grads = _spectrum_grads(plan.matrix_input(x), plan.matrix_cotangent(dy), tuple(l.flat for l in layers))
+    flat_x, flat_dy = plan.matrix_input(x), plan.matrix_cotangent(dy)
+    matrices = tuple(layer.flat for layer in layers)
+    axes = _feature_axes(matrices[0], sharding, flat_x.shape[0]) if sharding is not None else None
+    if axes is None or sharding.mesh.size == 1:
+        grads = _spectrum_grads(flat_x, flat_dy, matrices)
+    else:
+        grads = _sharded_spectrum_grads(flat_x, flat_dy, matrices, sharding.mesh, *axes)
     return dx, doperand, tuple(g.astype(s.dtype) for g, s in zip(grads, spectra))
 
 
@@ -189,8 +225,9 @@ def adapted_dot(
 ) -> jax.Array:
     """``dot_general(x, operand + ΔV)`` for the adapters ``layers`` (one kernel, several adapters).
 
-    ``path`` is ``"fused"`` or ``"spectral"``; ``sharding`` (the kernel's ``NamedSharding``) builds ``ΔW``
-    shard-locally for a plain Dense contraction.
+    ``path`` is ``"fused"`` or ``"spectral"``; ``sharding`` (the stored kernel's ``NamedSharding``) builds
+    ``ΔW`` shard-locally and reduces the spectrum gradient as ``n`` floats where it is a block sharding of the
+    ``(in, out)`` matrix (``matrix_sharding``).
 
     Example:
         >>> import numpy as np, bridge
@@ -205,10 +242,7 @@ def adapted_dot(
     for spectrum, layer in zip(spectra, layers):
         layer.check_spectrum(jnp.shape(spectrum))
     if path == "fused":
-        if sharding is not None and plan.is_plain_dense(layers[0]):
-            return fused_dense_multi(x, operand, spectra, tuple(l.flat for l in layers), precision=plan.precision,
-                                     sharding=sharding).astype(_result_dtype(x, operand, plan))
-        return _fused(x, operand, spectra, layers, plan)
+        return _fused(x, operand, spectra, layers, plan, matrix_sharding(layers[0], sharding))
     y = plan.dot(x, operand)
     flat_x = plan.matrix_input(x)
     total = None
@@ -216,9 +250,3 @@ def adapted_dot(
         term = spectral_delta(flat_x, spectrum, layer.flat)
         total = term if total is None else total + term
     return y + plan.output_from_matrix(total, x.shape).astype(y.dtype)
-
-
-def _result_dtype(x: jax.Array, operand: jax.Array, plan: DotPlan) -> Any:
-    if plan.preferred_element_type is not None:
-        return plan.preferred_element_type
-    return jnp.result_type(x.dtype, operand.dtype)

@@ -54,7 +54,9 @@ class _Adapters:
             return self._merged_dot(x, tracked, side, params, f"dot_general: {error}")
         if layer.stacked:  # the whole stack in one dot (no scan slices it)
             return self._merged_dot(x, tracked, side, params, "a dot over the whole layer stack")
-        if tuple(plan.view.root) != tuple(layer.dims) or axes != layer.contracted:
+        # Size-1 kernel axes carry no elements: contracted or kept, the matrix is the same.
+        wanted = tuple(a for a in layer.contracted if layer.dims[a] != 1)
+        if tuple(plan.view.root) != tuple(layer.dims) or axes != wanted:
             raise ContractionError(
                 f"fourierft_jax: layer {layer.name!r}: the model contracts axes {list(axes)} of its kernel "
                 f"{tuple(plan.view.root)}, but the adapter was built for axes {list(layer.contracted)} of "

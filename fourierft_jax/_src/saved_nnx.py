@@ -104,8 +104,9 @@ def _check(spec: AdapterSpec, state: dict[str, Any], model: nnx.Module) -> None:
         module = modules.get(layer.path)
         if isinstance(module, FourierFTLinear):
             module = module.base
-        if not isinstance(module, nnx.Linear):
-            problems.append(f"layer {layer.name!r}: the model has no nnx.Linear there (found {type(module).__name__})")
+        if not isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
+            problems.append(f"layer {layer.name!r}: the model has no nnx.Linear/LinearGeneral/Einsum there (found "
+                            f"{type(module).__name__})")
         elif tuple(module.kernel.shape) != layer.param_shape:
             problems.append(f"layer {layer.name!r}: kernel has shape {tuple(module.kernel.shape)} in the model but "
                             f"the adapter was saved for {layer.param_shape}")
