@@ -16,6 +16,7 @@ from ._src.convert import export_peft, import_peft, read_peft
 from ._src.intercept import make_apply
 from ._src.model import FourierFTAdapter, apply
 from ._src.optim import multi_lr
+from ._src.presets import GEMMA_SPLIT, GEMMA_TO_TRANSFORMERS
 from ._src.saved import AdapterMismatchError, SavedAdapter, attach
 from ._src.trace import ContractionTraceError
 
@@ -24,6 +25,8 @@ from . import nnx  # noqa: E402  (fourierft_jax.nnx.apply without a separate imp
 __all__ = [
     "AdapterMismatchError",
     "ContractionTraceError",
+    "GEMMA_SPLIT",
+    "GEMMA_TO_TRANSFORMERS",
     "FourierFTAdapter",
     "FourierFTConfig",
     "NameMap",

@@ -50,6 +50,7 @@ class DotPlan:
     view: KernelView
     x_ndim: int
     out_sharding: Any = None
+    part_axis: Optional[int] = None  # a kept kernel axis whose slices are separate layers (a split or a stack)
 
     @classmethod
     def of(cls, side: int, params: dict, view: KernelView, x_ndim: int) -> "DotPlan":
@@ -98,7 +99,11 @@ class DotPlan:
         return self.view.canonical(self.view.kernel_axes_of(self.kernel_contracting))
 
     def out_atoms(self):
-        return self.view.canonical(self.view.kernel_axes_of(self.kernel_free))
+        kept = self.view.kernel_axes_of(self.kernel_free)
+        if self.part_axis is None:
+            return self.view.canonical(kept)
+        # The parts' axis first: the (in, parts·out) matrix is then one (in, out) block per part.
+        return self.view.canonical({self.part_axis}) + self.view.canonical(kept - {self.part_axis})
 
     def matrix_input(self, x: jax.Array) -> jax.Array:
         """``x`` as ``(tokens, in)``, features in kernel order."""
@@ -211,6 +216,57 @@ def _fused_bwd(layers, plan, sharding, residuals, dy):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _part_deltas(rows: jax.Array, layer: LayerSpec) -> jax.Array:
+    """``(in, parts·out)``: the matrix of every part (one spectrum row each) side by side."""
+    deltas = jax.vmap(lambda row: delta_kernel_f32(row, layer.flat))(rows.astype(jnp.float32))
+    return jnp.transpose(deltas, (1, 0, 2)).reshape(layer.in_features, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_parts(x: jax.Array, operand: jax.Array, rows: tuple, layers: tuple, plan: DotPlan) -> jax.Array:
+    delta = sum(_part_deltas(r, l) for r, l in zip(rows, layers))
+    return plan.dot(x, operand + plan.operand_from_matrix(delta).astype(operand.dtype))
+
+
+def _fused_parts_fwd(x, operand, rows, layers, plan):
+    return _fused_parts(x, operand, rows, layers, plan), (x, operand, rows)
+
+
+def _fused_parts_bwd(layers, plan, residuals, dy):
+    x, operand, rows = residuals
+    delta = sum(_part_deltas(r, l) for r, l in zip(rows, layers))
+    effective = operand + plan.operand_from_matrix(delta).astype(operand.dtype)
+    dx = jax.vjp(lambda a: plan.dot(a, effective), x)[1](dy)[0]
+    doperand = jax.vjp(lambda b: plan.dot(x, b), operand)[1](dy)[0]
+    flat_x, flat_dy = plan.matrix_input(x), plan.matrix_cotangent(dy)
+    parts = rows[0].shape[0]
+    blocks = flat_dy.reshape(flat_dy.shape[0], parts, -1)
+    grads = []
+    for r, layer in zip(rows, layers):
+        per_part = [_spectrum_grads(flat_x, blocks[:, p], (layer.flat,))[0] for p in range(parts)]
+        grads.append(jnp.stack(per_part).astype(r.dtype))
+    return dx, doperand, tuple(grads)
+
+
+_fused_parts.defvjp(_fused_parts_fwd, _fused_parts_bwd)
+
+
+def adapted_parts_dot(x: jax.Array, operand: jax.Array, rows: Sequence[jax.Array], layers: Sequence[LayerSpec],
+                      plan: DotPlan, path: str) -> jax.Array:
+    """``adapted_dot`` for a kernel whose ``plan.part_axis`` slices are separate layers (``layers``: one per
+    adapter, each the layer of one slice), with one spectrum row per slice in ``rows`` (``(parts, n)`` each)."""
+    rows, layers = tuple(rows), tuple(layers)
+    if path == "fused":
+        return _fused_parts(x, operand, rows, layers, plan)
+    y = plan.dot(x, operand)
+    flat_x = plan.matrix_input(x)
+    total = None
+    for r, layer in zip(rows, layers):
+        term = jnp.concatenate([spectral_delta(flat_x, r[p], layer.flat) for p in range(r.shape[0])], axis=-1)
+        total = term if total is None else total + term
+    return y + plan.output_from_matrix(total, x.shape).astype(y.dtype)
 
 
 def adapted_dot(

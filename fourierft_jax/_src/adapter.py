@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import bridge
 
 from .layer import LayerSpec
-from .targets import KERNEL_LEAVES, Contractions, Stacks, select_layers
+from .targets import KERNEL_LEAVES, Contractions, Splits, Stacks, select_layers
 from .tree import Path, dotted, get_path, iter_nodes
 
 SPECTRA, BIAS, MODULES_TO_SAVE = "spectra", "bias", "modules_to_save"
@@ -122,13 +122,14 @@ def build_spec(
     output_layer: Optional[str] = None,
     stacked: Stacks = None,
     contractions: Optional[Contractions] = None,
+    splits: Splits = None,
 ) -> AdapterSpec:
     """The ``AdapterSpec`` of ``config`` on the ``params`` collection of a model (validates everything)."""
     if not isinstance(config, bridge.FourierFTConfig):
         raise TypeError(f"fourierft_jax: expected a FourierFTConfig, got {type(config).__name__}")
     saved = _saved_paths(params, config.modules_to_save)
     layers = select_layers(params, config, model_type=model_type, output_layer=output_layer, stacked=stacked,
-                           contractions=contractions)
+                           contractions=contractions, splits=splits)
     bias_paths = _bias_paths(params, config.bias, layers, saved)
     return AdapterSpec(layers, bias_paths, saved, config.bias)
 

@@ -9,6 +9,7 @@ is torch's ``weight`` ``(out, in)`` (not transposed for a transformers ``Conv1D`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Collection, Mapping, Optional, Union
 
@@ -245,11 +246,13 @@ def read_peft(
     stacked: Stacks = None,
     trace: Optional[Callable[[Any], Any]] = None,
     contracting: Optional[Mapping[str, Any]] = None,
+    split: Optional[Mapping[str, int]] = None,
 ) -> SavedAdapter:
     """Read a PEFT FourierFT adapter directory as a ``SavedAdapter`` in JAX names and layouts.
 
     ``trace``/``contracting`` (as in ``fourierft_jax.apply``) give the contracted axes of N-D kernels (and make
-    bare-array kernels known), so a torch ``(out, in)`` layer maps onto a ``DenseGeneral``/``Einsum`` kernel.
+    bare-array kernels known), so a torch ``(out, in)`` layer maps onto a ``DenseGeneral``/``Einsum`` kernel;
+    ``split`` (as in ``apply``) maps several torch layers onto the slices of one kernel.
 
     The layer shapes (which PEFT does not store) come from ``params`` (a linen params tree: also used to find JAX
     names and ``modules_to_save`` leaf names) or from ``shapes`` (``{torch layer name: (out, in)}``). Without
@@ -274,7 +277,8 @@ def read_peft(
         if not isinstance(params, Mapping):
             raise CheckpointError("read_peft: stacked= needs params (the stacked linen parameter tree)")
         return as_stacked(lambda view: read_peft(directory, view, name_map=name_map, adapter_name=adapter_name,
-                                                 conv1d=conv1d, contracting=contracting), params, stacked)
+                                                 conv1d=conv1d, contracting=contracting, split=split), params,
+                          stacked)
     name_map = name_map or NameMap()
     opened = select_adapter(directory, adapter_name)
     config, file = opened.config, opened.file
@@ -287,7 +291,7 @@ def read_peft(
     owners = {layer.name for layer in opened.layers} | set(bias_modules) | set(saved_torch)
     owners |= {name.rsplit(".", 1)[0] for name in member_of}
     owners.discard("")
-    kernels = _kernels(params, trace, contracting) if params is not None else {}
+    kernels = _kernels(params, trace, contracting, split) if params is not None else {}
     known = node_paths(params) if params is not None else None
     if known is not None:
         known.update({dotted(path): path for path in kernels})
@@ -299,6 +303,7 @@ def read_peft(
 
     layers = _layer_specs(opened, kernels if params is not None else None, shapes, path_of)
     spectra = {layer.name: _read_tensor(file, peft.key) for layer, peft in zip(layers, opened.layers)}
+    layers = _join_parts(layers, spectra, kernels)
     biases = {dotted(path_of(m)): _read_tensor(file, opened.tensors[m + ".bias"]) for m in bias_modules}
     modules = _read_saved_modules(opened, member_of, params, path_of, conv1d)
     originals = _read_originals(file, flax_names, path_of)
@@ -333,12 +338,48 @@ def _classify_tensors(opened: Adapter) -> tuple[list[str], dict[str, str], list[
     return saved_torch, member_of, bias_modules
 
 
-def _kernels(params: Any, trace: Optional[Callable[[Any], Any]], contracting: Optional[Mapping[str, Any]]
-             ) -> dict[Path, Any]:
-    """``{module path: targets.Kernel}`` of every linear layer of ``params`` (N-D ones need trace/contracting)."""
+def _kernels(params: Any, trace: Optional[Callable[[Any], Any]], contracting: Optional[Mapping[str, Any]],
+             split: Optional[Mapping[str, int]] = None) -> dict[Path, Any]:
+    """``{module path: targets.Kernel}`` of every linear layer of ``params`` (N-D ones need trace/contracting;
+    the parts of a split kernel are ``<module path>.<i>``)."""
     inner, _ = split_collection(params)
     found = model_contractions(params, inner, trace, contracting)
-    return {path: kernel for path, _, info, kernel in _modules(inner, None, found) if kernel is not None}
+    out = {}
+    for path, row, _, kernel in _modules(inner, None, found, split):
+        if kernel is not None:
+            out[path + (str(row),) if kernel.split_axis is not None else path] = kernel
+    return out
+
+
+def _join_parts(layers: list, spectra: dict, kernels: Mapping[Path, Any]) -> list:
+    """The file's layers with the parts of each split kernel (``<module>.<i>``) joined into one layer of that
+    kernel, its spectra stacked in part order (``spectra`` is updated in place)."""
+    joined: list = []
+    parts: dict[Path, list] = {}
+    for layer in layers:
+        kernel = kernels.get(layer.path)
+        if kernel is None or kernel.split_axis is None:
+            joined.append(layer)
+            continue
+        if layer.path[:-1] not in parts:
+            parts[layer.path[:-1]] = []
+            joined.append(layer.path[:-1])
+        parts[layer.path[:-1]].append((int(layer.path[-1]), layer, kernel))
+    out = []
+    for entry in joined:
+        if not isinstance(entry, tuple):
+            out.append(entry)
+            continue
+        rows = sorted(parts[entry], key=lambda r: r[0])
+        _, first, kernel = rows[0]
+        if len({layer.n_frequency for _, layer, _ in rows}) != 1:
+            raise bridge.AdapterFormatError(f"the parts of {dotted(entry)!r} have different n_frequency; one split "
+                                            "kernel needs one value")
+        whole = dataclasses.replace(first, path=entry, stack_axis=kernel.split_axis, stack_size=kernel.split_size,
+                                    stack_ids=tuple(i for i, _, _ in rows), stack_depth=len(entry))
+        spectra[whole.name] = np.stack([spectra.pop(layer.name) for _, layer, _ in rows])
+        out.append(whole)
+    return out
 
 
 def _layer_specs(opened: Adapter, kernels: Optional[Mapping[Path, Any]],
@@ -449,10 +490,11 @@ def import_peft(
     stacked: Stacks = None,
     trace: Optional[Callable[[Any], Any]] = None,
     contracting: Optional[Mapping[str, Any]] = None,
+    split: Optional[Mapping[str, int]] = None,
 ) -> Any:
     """Load a PEFT adapter directory onto a JAX model: a parameter pytree gives a ``FourierFTAdapter``, an NNX
     model is adapted in place and returned. Strict: every key, name and shape is checked first. ``trace`` /
-    ``contracting`` as in ``fourierft_jax.apply`` (for N-D kernels).
+    ``contracting`` and ``split`` as in ``fourierft_jax.apply`` (for N-D and split kernels).
 
     ``stacked`` names the layer stacks of the model (as in ``fourierft_jax.apply``): a file written
     for the unrolled model (``encoder.layer.<i>.<rest>``) is loaded as stacked spectra (see ``read_peft``).
@@ -475,7 +517,7 @@ def import_peft(
 
         view = nnx_params_view(target)
     saved = read_peft(directory, view, name_map=name_map, adapter_name=adapter_name, conv1d=conv1d,
-                      stacked=stacked, trace=trace, contracting=contracting)
+                      stacked=stacked, trace=trace, contracting=contracting, split=split)
     return attach(saved, target, adapter_name=adapter_name or "default")
 
 

@@ -7,6 +7,7 @@ is formed whatever library built ``fn``. A kernel used any other way is merged f
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Callable, Mapping, Optional
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .adapted_dot import ContractionError, DotPlan, adapted_dot
+from .adapted_dot import ContractionError, DotPlan, adapted_dot, adapted_parts_dot
 from .adapter import AdapterSet, adapter_state, layer_spectrum
 from .delta import delta_kernel
 from .kernel_view import arrange
@@ -52,8 +53,8 @@ class _Adapters:
             axes = plan.contracted_axes()
         except ContractionError as error:
             return self._merged_dot(x, tracked, side, params, f"dot_general: {error}")
-        if layer.stacked:  # the whole stack in one dot (no scan slices it)
-            return self._merged_dot(x, tracked, side, params, "a dot over the whole layer stack")
+        if layer.stacked:  # the whole stack (or split kernel) in one dot: no scan slices it
+            return self._parts_dot(x, tracked, plan, axes, entries)
         # Size-1 kernel axes carry no elements: contracted or kept, the matrix is the same.
         wanted = tuple(a for a in layer.contracted if layer.dims[a] != 1)
         if tuple(plan.view.root) != tuple(layer.dims) or axes != wanted:
@@ -69,6 +70,23 @@ class _Adapters:
         self.reached.add(tracked.key)
         return adapted_dot(x, tracked.value, [s for _, s in entries], [l for l, _ in entries], plan, path,
                            sharding=sharding)
+
+    def _parts_dot(self, x: Any, tracked: Tracked, plan: DotPlan, axes: tuple, entries: list) -> Any:
+        # Each slice along the stack axis is its own layer; fine as long as the contraction keeps that axis.
+        layer = entries[0][0]
+        part = layer.unstacked
+        inside = tuple(a - (a > layer.stack_axis) for a in axes)
+        wanted = tuple(a for a in part.contracted if part.dims[a] != 1)
+        if layer.stack_axis in axes or inside != wanted or tuple(plan.view.root) != layer.param_shape:
+            return self._merged_dot(x, tracked, plan.kernel_side, {
+                "dimension_numbers": plan.dimension_numbers, "precision": plan.precision,
+                "preferred_element_type": plan.preferred_element_type, "out_sharding": plan.out_sharding},
+                "a contraction over its whole layer stack")
+        plan = dataclasses.replace(plan, part_axis=layer.stack_axis)
+        path = self.mode if self.mode != "auto" else _choose(plan.tokens(jnp.shape(x)), part.flat)
+        self.reached.add(tracked.key)
+        rows = self.scan_rows(tracked, layer.stack_axis)
+        return adapted_parts_dot(x, tracked.value, rows, [l.unstacked for l, _ in entries], plan, path)
 
     def _merged_dot(self, x: Any, tracked: Tracked, side: int, params: dict, why: str) -> Any:
         return DotPlan.of(side, params, tracked.view, jnp.ndim(x)).dot(x, self.materialize(tracked, why))

@@ -65,10 +65,11 @@ class FourierFTAdapter:
         stacked: Stacks = None,
         trace: Optional[Callable[[Any], Any]] = None,
         contracting: Optional[Mapping[str, Sequence[int]]] = None,
+        split: Optional[Mapping[str, int]] = None,
     ) -> None:
         """Add a named adapter for ``params`` (validated fully before anything changes); it is not made active.
 
-        ``stacked``, ``trace`` and ``contracting`` as in ``fourierft_jax.apply``.
+        ``stacked``, ``trace``, ``contracting`` and ``split`` as in ``fourierft_jax.apply``.
 
         Example:
             >>> import numpy as np, fourierft_jax
@@ -92,7 +93,7 @@ class FourierFTAdapter:
         inner, _ = split_collection(params)
         found = model_contractions(params, inner, trace, contracting)
         spec = build_spec(inner, config, model_type=model_type, output_layer=output_layer, stacked=stacked,
-                          contractions=found)
+                          contractions=found, splits=split)
         state = init_state(inner, spec, init_weights=config.init_weights, key=key)
         self.configs[adapter_name] = config
         self.specs[adapter_name] = spec
@@ -368,6 +369,7 @@ def apply(
     stacked: Stacks = None,
     trace: Optional[Callable[[Any], Any]] = None,
     contracting: Optional[Mapping[str, Sequence[int]]] = None,
+    split: Optional[Mapping[str, int]] = None,
 ) -> FourierFTAdapter:
     """Build a FourierFT adapter for the projection kernels of a parameter pytree that ``config`` targets.
 
@@ -393,6 +395,10 @@ def apply(
             kernel order) and only arrays the model contracts count as linear layers (never an embedding).
         contracting: ``{kernel or module path: contracted axes of the stored kernel}`` for code that cannot be
             traced (overrides ``trace`` for those paths).
+        split: ``{module name or suffix: kept kernel axis}`` for kernels that hold several torch layers side by
+            side (gemma's ``kv_einsum`` is ``k_proj`` + ``v_proj``): each slice along the axis is its own layer
+            ``<module>.<i>`` with its own spectrum and PEFT positions; a ``target_modules`` entry naming the
+            module selects all its parts (``GEMMA_SPLIT`` is gemma's).
 
     Raises:
         bridge.NoTargetError: nothing matched; TypeError: a target is not a linear layer's kernel (or an N-D
@@ -410,6 +416,6 @@ def apply(
     adapter = FourierFTAdapter()
     adapter.add_adapter(
         adapter_name, config, params, key=key, model_type=model_type, output_layer=output_layer, stacked=stacked,
-        trace=trace, contracting=contracting,
+        trace=trace, contracting=contracting, split=split,
     )
     return adapter

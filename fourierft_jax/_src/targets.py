@@ -42,6 +42,34 @@ class Kernel:
     torch_shape: tuple[int, int]
     dims: tuple[int, ...] = ()
     in_axes: tuple[int, ...] = ()
+    split_axis: Optional[int] = None  # set on the parts of a split kernel: the stored axis they slice
+    split_size: int = 0
+
+
+# ``{module name or suffix: stored kernel axis}``: kernels that hold several torch layers side by side (gemma's
+# ``kv_einsum`` = k_proj + v_proj); each slice along the axis is its own layer ``<module>.<i>``.
+Splits = Optional[Mapping[str, int]]
+
+
+def _split_rule(splits: Splits, name: str) -> Optional[int]:
+    for entry, axis in (splits or {}).items():
+        if name == entry or name.endswith("." + entry):
+            return int(axis)
+    return None
+
+
+def _parts(kernel: Kernel, axis: int, name: str) -> Kernel:
+    """One slice of a split kernel along its kept ``axis``, as a kernel of its own."""
+    dims = kernel.dims or (kernel.torch_shape[1], kernel.torch_shape[0])
+    inside = kernel.in_axes or (0,)
+    if not 0 <= axis < len(dims) or axis in inside or len(dims) < 3:
+        raise TypeError(f"fourierft_jax: split={{{name!r}: {axis}}}: the kernel {dims} is contracted on axes "
+                        f"{list(inside)}; a split axis must be one of its kept axes and leave an N-D kernel")
+    part = dims[:axis] + dims[axis + 1 :]
+    in_axes = tuple(a - (a > axis) for a in inside)
+    n_in = math.prod(part[a] for a in in_axes)
+    n_out = math.prod(d for a, d in enumerate(part) if a not in in_axes)
+    return Kernel(kernel.leaf, (n_out, n_in), part, in_axes, axis, dims[axis])
 
 
 def _kernel_of(array: Any, leaf: str, path: Path, stack_axis: Optional[int],
@@ -203,17 +231,27 @@ def module_infos(
     return [(path, row, info) for path, row, info, _ in _modules(params, stacked)]
 
 
-def _modules(params: Mapping[str, Any], stacked: Stacks = None, contractions: Optional[Contractions] = None
-             ) -> list[tuple[Path, Optional[int], bridge.ModuleInfo, Optional[Kernel]]]:
+def _modules(params: Mapping[str, Any], stacked: Stacks = None, contractions: Optional[Contractions] = None,
+             splits: Splits = None) -> list[tuple[Path, Optional[int], bridge.ModuleInfo, Optional[Kernel]]]:
     stacks = stack_axes(params, stacked)
     infos: list[tuple[Path, Optional[int], bridge.ModuleInfo, Optional[Kernel]]] = []
 
+    def emit(path: Path, row: Optional[int], name: Path, kind: str, kernel: Optional[Kernel]) -> None:
+        axis = _split_rule(splits, dotted(name)) if kernel is not None else None
+        if axis is None:
+            infos.append((path, row, bridge.ModuleInfo(dotted(name), kind, kernel and kernel.torch_shape), kernel))
+            return
+        if row is not None:
+            raise ValueError(f"fourierft_jax: split= on {dotted(name)!r}, a layer of a stack, is not supported")
+        part = _parts(kernel, axis, dotted(name))
+        for i in range(part.split_size):
+            infos.append((path, i, bridge.ModuleInfo(f"{dotted(name)}.{i}", bridge.LINEAR, part.torch_shape), part))
+
     def add(path: Path, node: Mapping[str, Any], row: Optional[int], name: Path, axis: Optional[int]) -> None:
         kind, kernel = _kind(node, path, axis, contractions)
-        infos.append((path, row, bridge.ModuleInfo(dotted(name), kind, kernel and kernel.torch_shape), kernel))
+        emit(path, row, name, kind, kernel)
         for key, bare in _bare_kernels(node, path, axis, contractions):
-            infos.append((path + (key,), row, bridge.ModuleInfo(dotted(name + (key,)), bridge.LINEAR,
-                                                                bare.torch_shape), bare))
+            emit(path + (key,), row, name + (key,), bridge.LINEAR, bare)
 
     for path, node in iter_nodes(params):
         head = stack_of(path, stacks)
@@ -237,6 +275,7 @@ def select_layers(
     output_layer: Optional[str] = None,
     stacked: Stacks = None,
     contractions: Optional[Contractions] = None,
+    splits: Splits = None,
 ) -> tuple[LayerSpec, ...]:
     """The ``LayerSpec`` of every Dense kernel ``config`` adapts in ``params`` (``bridge.select_targets``' rules).
 
@@ -251,10 +290,11 @@ def select_layers(
         [('q', (8, 4), 5)]
     """
     stacks = stack_axes(params, stacked)
-    infos = _modules(params, stacked, contractions)
+    infos = _modules(params, stacked, contractions, splits)
     where = {info.name: (path, row, kernel) for path, row, info, kernel in infos}
     targets = bridge.select_targets(
-        config, [info for _, _, info, _ in infos], model_type=model_type, output_layer=output_layer
+        _with_parts(config, infos), [info for _, _, info, _ in infos], model_type=model_type,
+        output_layer=output_layer
     )
     groups: dict[Path, list[tuple[int, bridge.TargetLayer]]] = {}
     kernels: dict[Path, Kernel] = {}
@@ -285,8 +325,26 @@ def select_layers(
                 f"fourierft_jax: layers {first.name!r} (n_frequency={first.n_frequency}) and {odd[0]!r} share one "
                 "stacked kernel but n_frequency_pattern gives them different n_frequency; a stack needs one value"
             )
-        head = stack_of(path, stacks)
-        axis, size = stacks[head]
         ids = tuple(sorted(row for row, _ in rows))
-        layers.append(LayerSpec(**common, stack_axis=axis, stack_size=size, stack_ids=ids, stack_depth=len(head)))
+        if kernel.split_axis is not None:  # the parts of a split kernel, named <module>.<i>
+            axis, size, depth = kernel.split_axis, kernel.split_size, len(path)
+        else:
+            head = stack_of(path, stacks)
+            (axis, size), depth = stacks[head], len(head)
+        layers.append(LayerSpec(**common, stack_axis=axis, stack_size=size, stack_ids=ids, stack_depth=depth))
     return tuple(layers)
+
+
+def _with_parts(config: bridge.FourierFTConfig, infos: list) -> bridge.FourierFTConfig:
+    """``config`` whose list of ``target_modules`` also names the parts of every split kernel it names."""
+    targets = config.target_modules
+    if not isinstance(targets, (list, set, tuple)):
+        return config
+    extra = []
+    for path, row, info, kernel in infos:
+        if kernel is not None and kernel.split_axis is not None:
+            whole = info.name.rsplit(".", 1)[0]
+            extra += [f"{t}.{row}" for t in targets if whole == t or whole.endswith("." + t)]
+    if not extra:
+        return config
+    return dataclasses.replace(config, target_modules=sorted(set(targets) | set(extra)))

@@ -1,6 +1,7 @@
 """Stacked (scanned) layers on linen: an ``nn.scan`` model against the same model unrolled, and the numpy reference."""
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -187,11 +188,12 @@ def test_stack_errors_name_the_problem():
         fourierft_jax.apply(good, config, key=jax.random.key(0))
 
 
-def test_stack_used_whole_runs_on_the_merged_stack_and_warns(models):
-    # A function that contracts the whole stack at once (no scan slices it) cannot take the per-layer fast path:
-    # that use runs on W + ΔW of the whole stack (the merge's numbers) and says so.
+def test_stack_used_whole_takes_the_per_layer_fast_path(models):
+    # A function that contracts the whole stack at once, the layer axis kept (no scan slices it): each slice is
+    # still its own layer, so the fast path applies per slice; the numbers are the merge's, no weight gradient.
     axis, _, params, _, x = models
-    config = fourierft_jax.FourierFTConfig(n_frequency=10, target_modules=["fc1"])
+    config = fourierft_jax.FourierFTConfig(n_frequency=10, target_modules=["fc1"], layers_to_transform=[0, 2],
+                                           layers_pattern="layer")
     adapter = fourierft_jax.apply(params, config, key=jax.random.key(0), stacked={"encoder.layer": axis})
     h = jnp.ones((2, D))
 
@@ -200,9 +202,22 @@ def test_stack_used_whole_runs_on_the_merged_stack_and_warns(models):
         return jnp.einsum("bd,ldh->lbh" if axis == 0 else "bd,dlh->lbh", h, kernel)
 
     want = adapter.make_apply(every_layer, mode="merge")(adapter.trainable, params, h)
+    for mode in ("fused", "spectral"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no merged fallback
+            got = adapter.make_apply(every_layer, mode=mode)(adapter.trainable, params, h)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grad = lambda mode: jax.grad(lambda t: jnp.sum(adapter.make_apply(every_layer, mode=mode)(t, params, h) ** 2))(  # noqa: E731
+        adapter.trainable)["default"]["spectra"]
+    for name, g in grad("merge").items():
+        np.testing.assert_allclose(grad("fused")[name], g, rtol=1e-4, atol=1e-5)
+    # a contraction over the layer axis itself has no per-layer form: it runs on the merged stack and says so
+    summed = lambda v, h: jnp.einsum(  # noqa: E731
+        "bd,ldh->bh" if axis == 0 else "bd,dlh->bh", h, v["params"]["encoder"]["layer"]["fc1"]["kernel"])
     with pytest.warns(UserWarning, match="encoder.layer.fc1.*merged kernel"):
-        got = adapter.make_apply(every_layer)(adapter.trainable, params, h)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        got = adapter.make_apply(summed)(adapter.trainable, params, h)
+    np.testing.assert_allclose(got, adapter.make_apply(summed, mode="merge")(adapter.trainable, params, h),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_fourier_only_bias_trains_the_adapted_rows_of_a_stack_only(models):

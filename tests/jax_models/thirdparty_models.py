@@ -99,6 +99,29 @@ class ThirdPartyModel:
     def trace(self, params):
         return self.fn(params, *self.inputs)
 
+    @functools.cached_property
+    def jit_fn(self) -> Callable[..., Any]:
+        """``jax.jit(fn)``, made once: every call on same-shaped params reuses its compilation."""
+        return jax.jit(self.fn)
+
+    @functools.cached_property
+    def _vjp64(self):
+        fn64 = self.make_fn64()
+
+        def run(p64, inputs, probe):
+            out, pull = jax.vjp(lambda p: fn64(p, *inputs), p64)
+            return out, pull(probe.astype(out.dtype))[0]
+
+        return jax.jit(run)
+
+    def run64_vjp(self, params, probe) -> tuple[np.ndarray, Any]:
+        """``fn`` in float64 on the example inputs, and d sum(out · probe) / d params: one compilation per model."""
+        with jax.enable_x64(True):
+            p64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), params)
+            out, grads = self._vjp64(p64, tuple(jnp.asarray(x) for x in self.inputs),
+                                     jnp.asarray(np.asarray(probe, np.float64)))
+            return np.asarray(out), jax.tree.map(np.asarray, grads)
+
     def run64(self, params, *inputs) -> np.ndarray:
         """``fn`` in float64 (params and float inputs cast) on ``inputs`` (default: the example inputs)."""
         inputs = inputs or self.inputs
@@ -374,7 +397,7 @@ def gemma_transformer(num_kv_heads: int = 2, transpose_gating_einsum: bool = Tru
         never=_norms(prefixes, ["pre_attention_norm.scale", "post_attention_norm.scale", "pre_ffw_norm.scale",
                                 "post_ffw_norm.scale"],
                      ["embedder.input_embedding", "final_norm.scale"]),
-        make_fn64=lambda: (lambda v, tokens: model64.apply(v, tokens).logits),
+        make_fn64=functools.lru_cache(maxsize=None)(lambda: (lambda v, tokens: model64.apply(v, tokens).logits)),
         targets=(first, "attn_vec_einsum"),
         selected_by_targets=tuple(f"{p}.attn.{m}" for p in prefixes for m in (first, "attn_vec_einsum")),
     )
