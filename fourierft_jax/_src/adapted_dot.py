@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .delta import delta_kernel_f32
-from .fused import _feature_axes, _sharded_spectrum_grads, _spectrum_grads
+from .fused import spectrum_grads
 from .sharding import sharded_delta
 from .kernel_view import KernelView, arrange, gather_atoms
 from .layer import LayerSpec
@@ -205,13 +205,7 @@ def _fused_bwd(layers, plan, sharding, residuals, dy):
     dx = jax.vjp(lambda a: plan.dot(a, effective), x)[1](dy)[0]
     # The frozen operand's gradient is only kept when someone asks for it (dead code under jit otherwise).
     doperand = jax.vjp(lambda b: plan.dot(x, b), operand)[1](dy)[0]
-    flat_x, flat_dy = plan.matrix_input(x), plan.matrix_cotangent(dy)
-    matrices = tuple(layer.flat for layer in layers)
-    axes = _feature_axes(matrices[0], sharding, flat_x.shape[0]) if sharding is not None else None
-    if axes is None or sharding.mesh.size == 1:
-        grads = _spectrum_grads(flat_x, flat_dy, matrices)
-    else:
-        grads = _sharded_spectrum_grads(flat_x, flat_dy, matrices, sharding.mesh, *axes)
+    grads = spectrum_grads(plan.matrix_input(x), plan.matrix_cotangent(dy), tuple(l.flat for l in layers), sharding)
     return dx, doperand, tuple(g.astype(s.dtype) for g, s in zip(grads, spectra))
 
 
@@ -245,7 +239,7 @@ def _fused_parts_bwd(layers, plan, residuals, dy):
     blocks = flat_dy.reshape(flat_dy.shape[0], parts, -1)
     grads = []
     for r, layer in zip(rows, layers):
-        per_part = [_spectrum_grads(flat_x, blocks[:, p], (layer.flat,))[0] for p in range(parts)]
+        per_part = [spectrum_grads(flat_x, blocks[:, p], (layer.flat,))[0] for p in range(parts)]
         grads.append(jnp.stack(per_part).astype(r.dtype))
     return dx, doperand, tuple(grads)
 

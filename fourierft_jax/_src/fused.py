@@ -31,7 +31,6 @@ layout above moves the (smaller) activations instead. (Measured: a BERT-shaped s
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -43,9 +42,8 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from bridge._src.plans import fold, layer_plans
 
-from .delta import delta_kernel_f32
 from .layer import LayerSpec
-from .sharding import _dim_axes, _divides, _phase, sharded_delta
+from .sharding import _dim_axes, _divides, _phase
 
 
 def _grad_plan(layer: LayerSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -122,53 +120,22 @@ def fused_dense_multi(
     for layer in layers:
         if layer.stacked:
             raise ValueError(f"fourierft_jax: the fused path adapts one Dense call; layer {layer.name!r} is a stack")
-    return _fused(x, kernel, spectra, layers, precision, sharding)
+    # One implementation of the fused contraction: this is the plain Dense case of adapted_dot's.
+    from .adapted_dot import DotPlan, adapted_dot
+    from .kernel_view import KernelView
+
+    plan = DotPlan(1, (((x.ndim - 1,), (0,)), ((), ())), precision, None, KernelView.identity(kernel.shape), x.ndim)
+    return adapted_dot(x, kernel, spectra, layers, plan, "fused", sharding=sharding)
 
 
-def _effective_kernel(kernel: jax.Array, spectra: tuple, layers: tuple, sharding: Optional[Sharding]) -> jax.Array:
-    delta = None
-    for spectrum, layer in zip(spectra, layers):
-        spectrum = spectrum.astype(jnp.float32)
-        term = delta_kernel_f32(spectrum, layer) if sharding is None else sharded_delta(spectrum, layer, sharding)
-        delta = term if delta is None else delta + term
-    return kernel + delta.astype(kernel.dtype)
-
-
-def _matmul(x: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
-    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused(
-    x: jax.Array, kernel: jax.Array, spectra: tuple, layers: tuple, precision: Any, sharding: Optional[Sharding]
-) -> jax.Array:
-    return _matmul(x, _effective_kernel(kernel, spectra, layers, sharding), precision)
-
-
-def _fused_fwd(x, kernel, spectra, layers, precision, sharding):
-    # Only the inputs are kept: W + ΔW is rebuilt in the backward pass (no weight-sized residual per layer).
-    return _matmul(x, _effective_kernel(kernel, spectra, layers, sharding), precision), (x, kernel, spectra)
-
-
-def _fused_bwd(layers, precision, sharding, residuals, dy):
-    x, kernel, spectra = residuals
-    effective = _effective_kernel(kernel, spectra, layers, sharding)
-    # dx = dy @ (W + ΔW)ᵀ, contracting the output features.
-    dx = jax.lax.dot_general(dy, effective.astype(dy.dtype), (((dy.ndim - 1,), (1,)), ((), ())),
-                             precision=precision).astype(x.dtype)
-    flat_x = x.reshape(-1, x.shape[-1])
-    flat_dy = dy.reshape(-1, dy.shape[-1])
-    dkernel = jax.lax.dot_general(flat_x, flat_dy.astype(flat_x.dtype), (((0,), (0,)), ((), ())),
-                                  precision=precision).astype(kernel.dtype)
-    feature_axes = _feature_axes(layers[0], sharding, flat_x.shape[0])
-    if feature_axes is None or sharding.mesh.size == 1:
-        grads = _spectrum_grads(flat_x, flat_dy, layers)
-    else:
-        grads = _sharded_spectrum_grads(flat_x, flat_dy, layers, sharding.mesh, *feature_axes)
-    return dx, dkernel, tuple(g.astype(s.dtype) for g, s in zip(grads, spectra))
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
+def spectrum_grads(flat_x: jax.Array, flat_dy: jax.Array, layers: tuple, sharding: Optional[Sharding] = None
+                   ) -> list[jax.Array]:
+    """``∂L/∂c`` of each layer (its ``(in, out)`` matrix) from the ``(tokens, in)`` input and ``(tokens, out)``
+    cotangent; with ``sharding`` (the matrix's ``NamedSharding``) under ``shard_map``, reduced as ``n`` floats."""
+    axes = _feature_axes(layers[0], sharding, flat_x.shape[0]) if sharding is not None else None
+    if axes is None or sharding.mesh.size == 1:
+        return _spectrum_grads(flat_x, flat_dy, layers)
+    return _sharded_spectrum_grads(flat_x, flat_dy, layers, sharding.mesh, *axes)
 
 
 def _spectrum_grads(flat_x: jax.Array, flat_dy: jax.Array, layers: tuple) -> list[jax.Array]:

@@ -64,6 +64,12 @@ def _base_output(model_id) -> np.ndarray:
     return np.asarray(record.jit_fn(record.params, *record.inputs))
 
 
+@functools.lru_cache(maxsize=None)
+def _runner(model_id, mode):
+    """The all-linear adapter's forward in ``mode``, compiled once with its spectrum gradients (see below)."""
+    return _output_and_spectrum_grads(_all_linear(model_id)[0].make_apply(tm.MODELS[model_id]().fn, mode=mode))
+
+
 def layer_specs(adapter):
     return {layer.name: layer for layer in adapter.specs["default"].layers}
 
@@ -178,8 +184,7 @@ def test_forward_and_gradients_equal_merge_and_float64_reference(record, model_i
 
     outputs, grads = {}, {}
     for mode in ("auto", "merge"):  # "auto" is the default mode
-        run = _output_and_spectrum_grads(adapter.make_apply(record.fn, mode=mode))
-        out, g = run(adapter.trainable, params, record.inputs, probe)
+        out, g = _runner(model_id, mode)(adapter.trainable, params, record.inputs, probe)
         outputs[mode], grads[mode] = np.asarray(out), g["default"]["spectra"]
         assert rel_err(outputs[mode], want) <= 1e-5, mode
         assert sorted(grads[mode]) == sorted(g_ref), mode
@@ -200,7 +205,7 @@ def test_forward_and_gradients_equal_merge_and_float64_reference(record, model_i
 def test_init_weights_true_is_the_base_model(record, model_id):
     adapter, _ = build(record, target_modules="all-linear", init_weights=True)
     base = _base_output(model_id)
-    for mode in ("auto", "merge") + EXTRA_INIT_MODES.get(model_id, ()):
+    for mode in ("auto", "merge") + EXTRA_INIT_MODES.get(model_id, ()):  # "auto" is the default mode
         got = np.asarray(jax.jit(adapter.make_apply(record.fn, mode=mode))(adapter.trainable, record.params,
                                                                           *record.inputs))
         np.testing.assert_array_equal(got, base, err_msg=mode)

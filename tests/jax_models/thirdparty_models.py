@@ -150,11 +150,11 @@ def _tokens(batch=2, length=7, vocab=64, seed=0):
     return np.random.default_rng(seed).integers(1, vocab, (batch, length)).astype(np.int32)
 
 
-# -- keras-hub ------------------------------------------------------------------------------------------------
-KERAS_LLAMA = dict(vocabulary_size=64, num_layers=2, num_query_heads=4, hidden_dim=32, intermediate_dim=64,
+# -- keras-hub (one decoder layer: its layouts are per layer) --------------------------------------------------------
+KERAS_LLAMA = dict(vocabulary_size=64, num_layers=1, num_query_heads=4, hidden_dim=32, intermediate_dim=64,
                    num_key_value_heads=2, layer_norm_epsilon=1e-6, rope_max_wavelength=10000.0,
                    tie_word_embeddings=False)
-KERAS_GEMMA = dict(vocabulary_size=64, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=32,
+KERAS_GEMMA = dict(vocabulary_size=64, num_layers=1, num_query_heads=4, num_key_value_heads=2, hidden_dim=32,
                    intermediate_dim=96, head_dim=6, layer_norm_epsilon=1e-6)
 
 # keras-hub Llama module names → transformers LlamaForCausalLM module names (the twin in twins.py).
@@ -206,13 +206,22 @@ def keras_fn(model, output=None):
     return fn
 
 
-def _keras_fn64(cls, config, wrap=None):
-    """A factory of the float64 ``fn`` of a keras-hub model (its float64 copy is built once, under x64)."""
+@functools.lru_cache(maxsize=None)
+def _keras_backbone(cls_name: str, seed: int, dtype: str = "float32"):
+    """A keras-hub backbone built once per (class, seed, dtype): ``LlamaBackbone`` serves both Llama fixtures."""
+    keras, keras_hub = _keras()
+    config = {"LlamaBackbone": KERAS_LLAMA, "GemmaBackbone": KERAS_GEMMA}[cls_name]
+    keras.utils.set_random_seed(seed)
+    return getattr(keras_hub.models, cls_name)(**config, dtype=dtype)
+
+
+def _keras_fn64(cls_name, wrap=None):
+    """A factory of the float64 ``fn`` of a keras-hub model (its float64 backbone is built once, under x64)."""
     state = {}
 
     def make():
         if "fn" not in state:
-            backbone = cls(**config, dtype="float64")
+            backbone = _keras_backbone(cls_name, 0, "float64")
             state["fn"] = keras_fn(wrap(backbone) if wrap else backbone)
         return state["fn"]
 
@@ -249,9 +258,7 @@ def _norms(prefixes: Sequence[str], names: Sequence[str], extra: Sequence[str]) 
 @functools.lru_cache(maxsize=None)
 def keras_llama_backbone(seed: int = 0) -> ThirdPartyModel:
     """keras-hub ``LlamaBackbone`` (hidden states after the final norm)."""
-    keras, keras_hub = _keras()
-    keras.utils.set_random_seed(seed)
-    model = keras_hub.models.LlamaBackbone(**KERAS_LLAMA)
+    model = _keras_backbone("LlamaBackbone", seed)
     tokens = _tokens(vocab=KERAS_LLAMA["vocabulary_size"], seed=seed)
     layers = [f"transformer_layer_{i}" for i in range(KERAS_LLAMA["num_layers"])]
     return ThirdPartyModel(
@@ -263,7 +270,7 @@ def keras_llama_backbone(seed: int = 0) -> ThirdPartyModel:
         never=_norms(layers, ["self_attention_layernorm.scale", "feedforward_layernorm.scale"],
                      ["token_embedding.embeddings", "token_embedding.reverse_embeddings",
                       "sequence_output_layernorm.scale"]),
-        make_fn64=_keras_fn64(keras_hub.models.LlamaBackbone, KERAS_LLAMA),
+        make_fn64=_keras_fn64("LlamaBackbone"),
         to_torch=KERAS_LLAMA_TO_TORCH,
         targets=("query", "value"),
         selected_by_targets=tuple(f"{p}.self_attention.{m}" for p in layers for m in ("query", "value")),
@@ -278,9 +285,7 @@ def _causal_lm(backbone):
 @functools.lru_cache(maxsize=None)
 def keras_llama_causal_lm(seed: int = 0) -> ThirdPartyModel:
     """keras-hub ``LlamaCausalLM`` (logits through the untied ``token_embedding.reverse_embeddings (D, V)``)."""
-    keras, keras_hub = _keras()
-    keras.utils.set_random_seed(seed)
-    model = _causal_lm(keras_hub.models.LlamaBackbone(**KERAS_LLAMA))
+    model = _causal_lm(_keras_backbone("LlamaBackbone", seed))
     tokens = _tokens(vocab=KERAS_LLAMA["vocabulary_size"], seed=seed)
     layers = [f"transformer_layer_{i}" for i in range(KERAS_LLAMA["num_layers"])]
     return ThirdPartyModel(
@@ -292,7 +297,7 @@ def keras_llama_causal_lm(seed: int = 0) -> ThirdPartyModel:
         never=_norms(layers, ["self_attention_layernorm.scale", "feedforward_layernorm.scale"],
                      ["token_embedding.embeddings", "sequence_output_layernorm.scale"]),
         output_layer="token_embedding.reverse_embeddings",
-        make_fn64=_keras_fn64(keras_hub.models.LlamaBackbone, KERAS_LLAMA, wrap=_causal_lm),
+        make_fn64=_keras_fn64("LlamaBackbone", wrap=_causal_lm),
         to_torch=KERAS_LLAMA_TO_TORCH,
         targets=("query", "value"),
         selected_by_targets=tuple(f"{p}.self_attention.{m}" for p in layers for m in ("query", "value")),
@@ -302,10 +307,8 @@ def keras_llama_causal_lm(seed: int = 0) -> ThirdPartyModel:
 @functools.lru_cache(maxsize=None)
 def keras_gemma_backbone(seed: int = 0) -> ThirdPartyModel:
     """keras-hub ``GemmaBackbone``: heads-first attention kernels; the MLP is ``intermediate_dim // 2`` wide."""
-    keras, keras_hub = _keras()
-    keras.utils.set_random_seed(seed)
     c = KERAS_GEMMA
-    model = keras_hub.models.GemmaBackbone(**c)
+    model = _keras_backbone("GemmaBackbone", seed)
     d, n, k, h, f = c["hidden_dim"], c["num_query_heads"], c["num_key_value_heads"], c["head_dim"], \
         c["intermediate_dim"] // 2
     layouts = {}
@@ -331,7 +334,7 @@ def keras_gemma_backbone(seed: int = 0) -> ThirdPartyModel:
         layouts=layouts,
         never=_norms(prefixes, ["pre_attention_norm.scale", "pre_ffw_norm.scale"],
                      ["token_embedding.embeddings", "final_normalization.scale"]),
-        make_fn64=_keras_fn64(keras_hub.models.GemmaBackbone, c),
+        make_fn64=_keras_fn64("GemmaBackbone"),
         targets=("query", "value"),
         selected_by_targets=tuple(f"{p}.attention.{m}" for p in prefixes for m in ("query", "value")),
     )
