@@ -52,7 +52,7 @@ class _Adapters:
         try:
             axes = plan.contracted_axes()
         except ContractionError as error:
-            return self._merged_dot(x, tracked, side, params, f"dot_general: {error}")
+            return self._merged_dot(x, tracked, plan, f"dot_general: {error}")
         if layer.stacked:  # the whole stack (or split kernel) in one dot: no scan slices it
             return self._parts_dot(x, tracked, plan, axes, entries)
         # Size-1 kernel axes carry no elements: contracted or kept, the matrix is the same.
@@ -78,18 +78,15 @@ class _Adapters:
         inside = tuple(a - (a > layer.stack_axis) for a in axes)
         wanted = tuple(a for a in part.contracted if part.dims[a] != 1)
         if layer.stack_axis in axes or inside != wanted or tuple(plan.view.root) != layer.param_shape:
-            return self._merged_dot(x, tracked, plan.kernel_side, {
-                "dimension_numbers": plan.dimension_numbers, "precision": plan.precision,
-                "preferred_element_type": plan.preferred_element_type, "out_sharding": plan.out_sharding},
-                "a contraction over its whole layer stack")
+            return self._merged_dot(x, tracked, plan, "a contraction over its whole layer stack")
         plan = dataclasses.replace(plan, part_axis=layer.stack_axis)
         path = self.mode if self.mode != "auto" else _choose(plan.tokens(jnp.shape(x)), part.flat)
         self.reached.add(tracked.key)
         rows = self.scan_rows(tracked, layer.stack_axis)
         return adapted_parts_dot(x, tracked.value, rows, [l.unstacked for l, _ in entries], plan, path)
 
-    def _merged_dot(self, x: Any, tracked: Tracked, side: int, params: dict, why: str) -> Any:
-        return DotPlan.of(side, params, tracked.view, jnp.ndim(x)).dot(x, self.materialize(tracked, why))
+    def _merged_dot(self, x: Any, tracked: Tracked, plan: DotPlan, why: str) -> Any:
+        return plan.dot(x, self.materialize(tracked, why))
 
     def materialize(self, tracked: Tracked, why: str) -> Any:
         entries = self._layers(tracked)

@@ -81,7 +81,9 @@ def _plain(values: Sequence[Any], handler: Handler, why: str) -> list:
     return [handler.materialize(v, why) if isinstance(v, Tracked) else v for v in values]
 
 
-_IDENTITY_LAYOUT = {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier"}
+# Operations that leave every element where it is (casts, copies, placement and sharding annotations).
+_IDENTITY_LAYOUT = {"convert_element_type", "copy", "copy_p", "reduce_precision", "optimization_barrier",
+                    "device_put", "sharding_constraint", "mesh_cast", "reshard", "pvary"}
 _CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
 _REMAT = {"remat2", "checkpoint", "remat"}
 
