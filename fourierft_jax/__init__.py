@@ -13,7 +13,7 @@ from bridge import FourierFTConfig, NameMap, NoTargetError
 
 from ._src.checkpoint import TrainingCheckpoints, load_adapter, save_adapter
 from ._src.convert import export_peft, import_peft, read_peft
-from ._src.intercept import make_apply
+from ._src.modes import make_apply
 from ._src.model import FourierFTAdapter, apply
 from ._src.optim import multi_lr
 from ._src.presets import GEMMA_SPLIT, GEMMA_TO_TRANSFORMERS

@@ -9,7 +9,7 @@ Example:
 from .adapter import AdapterSet, AdapterSpec
 from .delta import delta_kernel
 from .fused import fused_dense
-from .intercept import DEFAULT_MODE, choose_path
+from .modes import DEFAULT_MODE, choose_path
 from .layer import LayerSpec
 from .merge import merge_params, substitute
 from .sharding import sharded_delta

@@ -26,7 +26,7 @@ from .tree import Path, dotted, leaf_paths
 
 
 def _choose(tokens: int, layer: LayerSpec) -> str:
-    from .intercept import choose_path  # the one auto rule
+    from .modes import choose_path  # the one auto rule
 
     return choose_path(tokens, layer)
 

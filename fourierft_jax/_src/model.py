@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import bridge
 
 from .adapter import AdapterSet, AdapterSpec, build_spec, init_state, model_contractions
-from .intercept import DEFAULT_MODE, make_apply
+from .modes import DEFAULT_MODE, make_apply
 from .merge import DEFAULT_DELTA_METHOD, check_kernel, merge_params, substitute
 from .targets import Stacks
 from .tree import split_collection

@@ -191,7 +191,7 @@ AUTO_SHAPES = [(768, 768), (3072, 768), (768, 3072), (4, 4), (3, 6), (6, 3), (1,
 
 
 def test_both_frameworks_make_the_same_auto_choice():
-    from fourierft_jax._src.intercept import choose_path as jax_choose_path
+    from fourierft_jax._src.modes import choose_path as jax_choose_path
     from fourierft_jax._src.layer import LayerSpec
     from fourierft_torch._layer import choose_mode
 

@@ -17,7 +17,7 @@ import fourierft_jax
 import fourierft_jax._src
 from fourierft_jax._src import LayerSpec
 from fourierft_jax._src.fused import fused_dense, fused_dense_multi
-from fourierft_jax._src.intercept import choose_path
+from fourierft_jax._src.modes import choose_path
 from fftjax_models import D_HID, D_IN, MLP, init_mlp, numpy_mlp, reference_deltas, rel_err
 
 SHAPES = [(1, 1, 1), (6, 4, 5), (5, 7, 35), (9, 16, 30), (12, 20, 240), (1, 8, 6), (8, 1, 6), (7, 10, 3)]

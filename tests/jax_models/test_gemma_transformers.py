@@ -257,7 +257,7 @@ def test_jax_trained_adapter_loads_in_peft_on_gemma3(pair, tmp_path, targets):
     fused = pair.config.num_kv_heads == pair.config.num_heads
     parts = ["attn.qkv_einsum.0", "attn.qkv_einsum.1", "attn.qkv_einsum.2"] if fused else [
         "attn.q_einsum", "attn.kv_einsum.0", "attn.kv_einsum.1"]
-    assert sorted(layer.name for layer in adapter.specs["default"].layers) \
+    assert sorted(name for layer in adapter.specs["default"].layers for name in layer.torch_names) \
         == sorted(f"layer_{i}.{m}" for i in range(pair.config.num_layers)
                   for m in parts + ["attn.attn_vec_einsum", "mlp.gating_einsum.0", "mlp.gating_einsum.1",
                                     "mlp.linear"])
