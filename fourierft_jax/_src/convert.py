@@ -167,7 +167,8 @@ def _trained_tensors(
             node = node[key]
         put_member(module, rel, leaf, node, values)
     for path in saved.spec.bias_paths:
-        values[f"{torch_names[dotted(path)]}.bias"] = _numpy(saved.state[BIAS][dotted(path)])
+        # torch biases are vectors: an N-D layer's bias (DenseGeneral's (N, H)) is flattened in kernel order
+        values[f"{torch_names[dotted(path)]}.bias"] = _numpy(saved.state[BIAS][dotted(path)]).reshape(-1)
     originals: dict[str, np.ndarray] = {}
     for module, tree in saved.originals.items():
         for rel, value in flat_leaves(tree):
@@ -304,7 +305,8 @@ def read_peft(
     layers = _layer_specs(opened, kernels if params is not None else None, shapes, path_of)
     spectra = {layer.name: _read_tensor(file, peft.key) for layer, peft in zip(layers, opened.layers)}
     layers = _join_parts(layers, spectra, kernels)
-    biases = {dotted(path_of(m)): _read_tensor(file, opened.tensors[m + ".bias"]) for m in bias_modules}
+    biases = {dotted(path_of(m)): _bias_like(params, path_of(m), _read_tensor(file, opened.tensors[m + ".bias"]))
+              for m in bias_modules}
     modules = _read_saved_modules(opened, member_of, params, path_of, conv1d)
     originals = _read_originals(file, flax_names, path_of)
     spec = AdapterSpec(tuple(layers), tuple(path_of(m) for m in bias_modules), tuple(path_of(m) for m in saved_torch),
@@ -349,6 +351,20 @@ def _kernels(params: Any, trace: Optional[Callable[[Any], Any]], contracting: Op
         if kernel is not None:
             out[path + (str(row),) if kernel.split_axis is not None else path] = kernel
     return out
+
+
+def _bias_like(params: Any, path: Path, bias: np.ndarray) -> np.ndarray:
+    """A torch bias vector in the shape of the model's bias at ``path`` (N-D for an N-D layer), when known."""
+    if params is None:
+        return bias
+    inner, _ = split_collection(params)
+    node: Any = inner
+    for key in path + ("bias",):
+        if not isinstance(node, Mapping) or key not in node:
+            return bias
+        node = node[key]
+    shape = tuple(getattr(node, "shape", ()))
+    return bias.reshape(shape) if shape and int(np.prod(shape)) == bias.size else bias
 
 
 def _join_parts(layers: list, spectra: dict, kernels: Mapping[Path, Any]) -> list:

@@ -185,3 +185,44 @@ def test_exported_split_adapter_gives_peft_the_same_logits(trained, tmp_path):
                                      name_map=fourierft_jax.GEMMA_TO_TRANSFORMERS)
     again = back.make_apply(gemma_fn)(back.trainable, params, TOKENS)
     np.testing.assert_allclose(again, want, rtol=1e-6, atol=1e-6)
+
+
+def test_densegeneral_biases_are_torch_vectors_and_peft_agrees(tmp_path):
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral(8, axis=(-2, -1), name="o")(nn.DenseGeneral((2, 4), name="q")(x))
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.o(self.q(x))
+
+    model, x = Net(), jax.random.normal(jax.random.key(0), (3, 8))
+    params = model.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda a: a + 0.1, params)  # non-zero biases
+    config = fourierft_jax.FourierFTConfig(n_frequency=6, scaling=3.0, target_modules=["q", "o"], bias="fourier_only")
+    adapter = fourierft_jax.apply(params, config, key=jax.random.key(2), trace=lambda p: model.apply(p, x))
+    trained = adapter.trainable["default"]
+    adapter.set_trainable({"default": dict(trained, bias=jax.tree.map(lambda b: b + 0.5, trained["bias"]))})
+    fourierft_jax.export_peft(adapter, tmp_path / "peft")
+    tensors = bridge.read_adapter(tmp_path / "peft")[1]
+    assert tensors["base_model.model.q.base_layer.bias"].shape == (8,)
+    twin = TorchNet()
+    p = params["params"]
+    with torch.no_grad():
+        twin.q.weight.copy_(torch.tensor(np.asarray(p["q"]["kernel"]).reshape(8, 8).T))
+        twin.q.bias.copy_(torch.tensor(np.asarray(p["q"]["bias"]).reshape(8)))
+        twin.o.weight.copy_(torch.tensor(np.asarray(p["o"]["kernel"]).reshape(8, 8).T))
+        twin.o.bias.copy_(torch.tensor(np.asarray(p["o"]["bias"])))
+        got = peft.PeftModel.from_pretrained(twin, str(tmp_path / "peft"))(torch.tensor(np.asarray(x))).numpy()
+    want = np.asarray(adapter.make_apply(model.apply)(adapter.trainable, params, x))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    back = fourierft_jax.import_peft(tmp_path / "peft", params, trace=lambda p: model.apply(p, x))
+    assert back.trainable["default"]["bias"]["q"].shape == (2, 4)
+    np.testing.assert_allclose(back.make_apply(model.apply)(back.trainable, params, x), want, rtol=1e-6, atol=1e-6)
