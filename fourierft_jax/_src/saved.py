@@ -160,7 +160,8 @@ def check_params(saved: SavedAdapter, params: Mapping[str, Any]) -> None:
     for layer in saved.spec.layers:
         found = lookup(layer.kernel_path)
         if not isinstance(found, _Found):
-            problems.append(f"layer {layer.name!r}: no kernel at {dotted(layer.kernel_path)!r} "
+            problems.append(f"layer {layer.name!r}: no Dense kernel (or other projection kernel) at "
+                            f"{dotted(layer.kernel_path)!r} "
                             f"(missing {found!r})")
         elif _shape(found.value) != layer.param_shape:
             problems.append(f"layer {layer.name!r}: kernel has shape {_shape(found.value)} in the parameters but "
