@@ -7,7 +7,7 @@ Same attribute names as PEFT's layer (``base_layer``, ``fourierft_spectrum`` Par
 * ``"fused"``: one ``F.linear(x, W + ΔW, b)`` with ΔW from ``irfft2`` of the half spectrum; its backward gets
   the spectrum's gradient from two row FFTs and an ``n × tokens`` gather (never the ``dyᵀx`` matmul), and the
   input's FFT is shared by layers that read the same activation (query/key/value);
-* ``"auto"`` (default): ``"spectral"`` while ``tokens · (in + out) ≤ SPECTRAL_RATIO · in · out``, else
+* ``"auto"`` (default): ``"spectral"`` while ``tokens · (in + out) < SPECTRAL_RATIO · in · out``, else
   ``"fused"`` -- see ``choose_mode``.
 
 The auto rule. Spectral costs grow with the token count (an FFT of every token row in and out), fused costs a
