@@ -14,7 +14,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import bridge
@@ -222,27 +221,9 @@ def _train(record, params, config, steps=2):
                                   output_layer=record.output_layer, stacked=record.stacked)
     forward = adapter.make_apply(record.fn)
     labels = jnp.asarray(np.random.default_rng(5).integers(0, 64, record.inputs[0].shape))
-    optimizer = optax.adam(1e-2)
-
-    def loss_fn(trainable):
-        logits = forward(trainable, params, *record.inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-
-    @jax.jit
-    def step(trainable, opt_state):
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss, logits
-
-    trainable, opt_state, losses = adapter.trainable, optimizer.init(adapter.trainable), []
-    for _ in range(steps + 1):  # the last call only evaluates the trained spectra (its update is dropped)
-        new_trainable, opt_state, loss, logits = step(trainable, opt_state)
-        losses.append(float(loss))
-        if len(losses) <= steps:
-            trainable = new_trainable
-    assert losses[-1] < losses[0]
+    trainable, logits = twins.train_default_mode(forward, params, record.inputs, labels, adapter.trainable, steps)
     adapter.set_trainable(trainable)
-    return adapter, np.asarray(logits)
+    return adapter, logits
 
 
 @pytest.mark.parametrize("twin_id", sorted(twins.TORCH_TWINS))

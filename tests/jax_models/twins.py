@@ -275,3 +275,34 @@ TORCH_TWINS = {
     "easydel_llama": (lambda seed: torch_llama(seed, config=easydel_torch_config()), easydel_params_from_torch),
     "maxtext_llama": (lambda seed: torch_llama(seed, config=easydel_torch_config()), maxtext_params_from_torch),
 }
+
+
+def train_default_mode(forward, params, inputs, labels, trainable, steps):
+    """``steps`` adam steps (lr 1e-2, cross-entropy on ``labels``) of ``forward(trainable, params, *inputs)``
+    in one compiled step; one more call gives the trained adapter's logits (its update is dropped).
+
+    Returns the trained state and its logits; asserts that the loss went down.
+    """
+    import jax
+    import optax
+
+    optimizer = optax.adam(1e-2)
+
+    def loss_fn(state):
+        logits = forward(state, params, *inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    @jax.jit
+    def step(state, opt_state):
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state)
+        updates, opt_state = optimizer.update(grads, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, loss, logits
+
+    opt_state, losses = optimizer.init(trainable), []
+    for _ in range(steps + 1):
+        new_state, opt_state, loss, logits = step(trainable, opt_state)
+        losses.append(float(loss))
+        if len(losses) <= steps:
+            trainable = new_state
+    assert losses[-1] < losses[0]
+    return trainable, np.asarray(logits)
