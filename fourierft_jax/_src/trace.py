@@ -74,7 +74,7 @@ def contractions(params: Any, fn: Callable[[Any], Any]) -> dict[Path, Optional[t
     candidates = {
         i: path for i, (path, leaf) in enumerate(zip(paths, leaves))
         if hasattr(leaf, "ndim") and leaf.ndim >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
-        and not path[0].startswith("<")
+        and not (path and path[0].startswith("<"))
     }
     recorder = _Recorder()
     try:
