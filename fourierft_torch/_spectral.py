@@ -126,7 +126,7 @@ class _SpectralDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, plan):  # type: ignore[override]
         # x: (B, in) float; weights: (terms, 2) = coefficient * [1, sign] * scale
-        out_features, in_features = plan.out_features, plan.in_features
+        out_features = plan.out_features
         spectrum = torch.view_as_real(torch.fft.rfft(x.t(), dim=0)).contiguous()  # (in//2+1, B, 2)
         terms = spectrum.index_select(0, plan.src) * weights.unsqueeze(1)
         half = torch.zeros(out_features // 2 + 1, x.shape[0], 2, dtype=x.dtype, device=x.device)

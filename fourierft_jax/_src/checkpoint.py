@@ -277,8 +277,7 @@ class TrainingCheckpoints:
             raise ValueError(f"TrainingCheckpoints: best_mode must be 'min' or 'max', got {best_mode!r}")
         best_fn: Optional[Callable[[Any], float]] = None
         if best_metric is not None:
-            def best_fn(metrics: Mapping[str, Any]) -> float:
-                return float(metrics[best_metric])
+            best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, best_fn=best_fn, best_mode=best_mode,
             save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,

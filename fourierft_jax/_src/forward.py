@@ -11,9 +11,10 @@ import dataclasses
 import warnings
 from typing import Any, Callable, Mapping, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bridge._src.auto_rule import choose_path
 
 from .adapted_dot import ContractionError, DotPlan, adapted_dot, adapted_parts_dot
 from .adapter import AdapterSet, adapter_state, layer_spectrum
@@ -23,12 +24,6 @@ from .layer import LayerSpec
 from .rewrite import Tracked, run_with
 from .sharding import call_sharding
 from .tree import Path, dotted, leaf_paths
-
-
-def _choose(tokens: int, layer: LayerSpec) -> str:
-    from .modes import choose_path  # the one auto rule
-
-    return choose_path(tokens, layer)
 
 
 class _Adapters:
@@ -66,7 +61,7 @@ class _Adapters:
         stored = self.table[tracked.key][0][0]
         sharding = call_sharding(self.shardings, stored) if self.shardings is not None else None
         if path == "auto":
-            path = "fused" if sharding is not None else _choose(plan.tokens(jnp.shape(x)), layer.flat)
+            path = "fused" if sharding is not None else choose_path(plan.tokens(jnp.shape(x)), layer.out_features, layer.in_features)
         self.reached.add(tracked.key)
         return adapted_dot(x, tracked.value, [s for _, s in entries], [l for l, _ in entries], plan, path,
                            sharding=sharding)
@@ -80,7 +75,7 @@ class _Adapters:
         if layer.stack_axis in axes or inside != wanted or tuple(plan.view.root) != layer.param_shape:
             return self._merged_dot(x, tracked, plan, "a contraction over its whole layer stack")
         plan = dataclasses.replace(plan, part_axis=layer.stack_axis)
-        path = self.mode if self.mode != "auto" else _choose(plan.tokens(jnp.shape(x)), part.flat)
+        path = self.mode if self.mode != "auto" else choose_path(plan.tokens(jnp.shape(x)), part.out_features, part.in_features)
         self.reached.add(tracked.key)
         rows = self.scan_rows(tracked, layer.stack_axis)
         return adapted_parts_dot(x, tracked.value, rows, [l.unstacked for l, _ in entries], plan, path)

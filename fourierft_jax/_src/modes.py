@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from bridge._src.auto_rule import choose_path as _choose_path
+
 from .adapter import AdapterSet
 from .forward import adapted_call
 from .layer import LayerSpec
@@ -27,11 +29,9 @@ from .merge import DEFAULT_DELTA_METHOD, merge_params, substitute
 MODES = ("auto", "fused", "spectral", "merge")
 DEFAULT_MODE = "auto"
 
-# choose_path: "fused" once tokens · (in + out) >= FUSED_MIN_RATIO · in · out, i.e. once the token-proportional
+# choose_path: "fused" once tokens · (in + out) >= SPECTRAL_MAX_RATIO · in · out, i.e. once the token-proportional
 # FFT/gather/scatter work of the spectral path outweighs the fused path's per-step ΔW build (see BENCHMARKS.md,
 # "fourierft_jax training step", per-layer breakdown). The rule and its constant are bridge's, shared with torch.
-from bridge._src.auto_rule import SPECTRAL_MAX_RATIO as FUSED_MIN_RATIO  # noqa: E402
-from bridge._src.auto_rule import choose_path as _choose_path  # noqa: E402
 
 
 def choose_path(tokens: int, layer: LayerSpec) -> str:

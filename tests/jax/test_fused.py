@@ -87,7 +87,7 @@ def test_choose_path_rule():
     wide = LayerSpec(("i",), 768, 3072, 1000, 1.0, 0)
     assert choose_path(8 * 128, square) == "fused" and choose_path(8 * 128, wide) == "fused"
     assert choose_path(16, square) == "spectral" and choose_path(16, wide) == "spectral"
-    # The switch sits where tokens · (in + out) reaches FUSED_MIN_RATIO · in · out, and is monotone in tokens.
+    # The switch sits where tokens · (in + out) reaches SPECTRAL_MAX_RATIO · in · out, and is monotone in tokens.
     picks = [choose_path(t, wide) for t in range(1, 2000, 7)]
     assert picks == sorted(picks, key=lambda p: p == "fused")
 

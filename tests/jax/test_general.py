@@ -207,7 +207,7 @@ def test_gemma_layout_all_linear_never_takes_the_embedding_and_matches_the_refer
 
 
 def test_errors_name_the_path():
-    params, tokens = _gemma_like(), jnp.array([[1, 2]])
+    params = _gemma_like()
     config = fourierft_jax.FourierFTConfig(n_frequency=5, target_modules=["q_einsum"])
     with pytest.raises(TypeError, match="layers.0.attn.q_einsum.*trace="):
         fourierft_jax.apply(params, config, key=jax.random.key(0))
