@@ -1,6 +1,6 @@
 """A first look at FourierFT: which layers a config adapts, where their trainable frequencies sit, what it costs.
 
-Runs offline in seconds:  bash scripts/example.sh
+Runs offline in seconds, with numpy alone (no jax, no torch):  python examples/quickstart.py
 """
 
 from __future__ import annotations

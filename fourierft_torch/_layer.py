@@ -201,25 +201,52 @@ class FourierFTLinear(nn.Module):
         delta = self.get_delta_weight(adapter_name)
         return delta.t() if self.fan_in_fan_out else delta
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Forget adapter ``adapter_name`` (no-op when absent); the caller unmerges it first."""
+        for store in (self.fourierft_n_frequency, self.fourierft_scaling, self.fourierft_random_loc_seed,
+                      self.indices, self._plans):
+            store.pop(adapter_name, None)
+        if adapter_name in self.fourierft_spectrum:
+            del self.fourierft_spectrum[adapter_name]
+        self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
+
+    def to_merge(self, adapter_names: Optional[Sequence[str]] = None) -> list[str]:
+        """The adapters ``merge(adapter_names=...)`` would add here: present and not merged yet, in order."""
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        return [name for name in names if name in self.fourierft_spectrum and name not in self.merged_adapters]
+
+    def merged_weight(self, adapter_names: Optional[Sequence[str]] = None) -> Optional[torch.Tensor]:
+        """The base weight plus the ΔW ``merge`` would add, summed as ``merge`` sums it; ``None`` if nothing to add."""
+        names = self.to_merge(adapter_names)
+        if not names:
+            return None
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            merged = weight.detach().clone()
+            for name in names:
+                merged += self._weight_delta(name).to(weight.dtype)
+        return merged
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
         """Add the adapters' ΔW to the base weight; ``safe_merge`` checks for NaN/inf first and leaves it untouched."""
-        names = list(self.active_adapters if adapter_names is None else adapter_names)
-        names = [name for name in names if name in self.fourierft_spectrum and name not in self.merged_adapters]
+        names = self.to_merge(adapter_names)
         weight = self.base_layer.weight
-        for name in names:
+        if safe_merge:
+            merged = self.merged_weight(adapter_names)
+            if merged is None:
+                return
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter(s) {names} seem to be broken "
+                    f"(layer weight left unchanged)"
+                )
             with torch.no_grad():
-                delta = self._weight_delta(name).to(weight.dtype)
-                if safe_merge:
-                    merged = weight.data + delta
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(
-                            f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
-                            f"(layer weight left unchanged)"
-                        )
-                    weight.data.copy_(merged)
-                else:
-                    weight.data += delta
-            self.merged_adapters.append(name)
+                weight.data.copy_(merged)
+        else:
+            with torch.no_grad():
+                for name in names:
+                    weight.data += self._weight_delta(name).to(weight.dtype)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's ΔW again."""

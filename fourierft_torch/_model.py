@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -30,7 +31,6 @@ from bridge._src.peft_format import (
     modules_to_save_names,
     read_shapes,
     rename_bias_aliases,
-    weights_path,
 )
 
 from ._layer import FourierFTLinear, layer_kind, layer_shape
@@ -199,7 +199,11 @@ class FourierFTModel(nn.Module):
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, config: bridge.FourierFTConfig) -> None:
-        """Add adapter ``adapter_name`` (not made active unless it is the first one)."""
+        """Add adapter ``adapter_name`` (not made active unless it is the first one).
+
+        All or nothing: on any error (name taken, not a config, nothing targeted, a module that cannot be copied
+        for ``modules_to_save`` ...) the model, its configs and torch's random state are left as they were.
+        """
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or pick another name")
         if not isinstance(config, bridge.FourierFTConfig):
@@ -210,28 +214,64 @@ class FourierFTModel(nn.Module):
                 "'none' for all adapters."
             )
         config, targets, saved = self._plan_adapter(config)
-        self._inject(adapter_name, config, targets, saved)
+        rng = torch.random.get_rng_state()
+        try:
+            self._inject(adapter_name, config, targets, saved)
+        except BaseException:
+            torch.random.set_rng_state(rng)  # a retry draws the same spectra
+            raise
 
     def _inject(
         self, adapter_name: str, config: bridge.FourierFTConfig, targets: list[bridge.TargetLayer], saved: list[str]
     ) -> None:
-        self.peft_config[adapter_name] = config
-        for target in targets:
-            module = self.model.get_submodule(target.name)
-            if isinstance(module, FourierFTLinear):
-                module.update_layer(adapter_name, target.n_frequency, config)
-                continue
-            new = FourierFTLinear(
-                module, adapter_name, config, target.n_frequency, fan_in_fan_out=target.kind == bridge.CONV1D
-            )
-            self._replace(target.name, new)
-        for name in saved:
-            module = self.model.get_submodule(name)
-            if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name)
-            else:
-                self._replace(name, ModulesToSaveWrapper(module, adapter_name))
-        self._refresh()
+        """Wrap ``targets`` and ``saved`` for a new adapter; all or nothing (any error undoes what was done)."""
+        undo: list[Any] = []
+        flags = self._selection_state()
+        try:
+            self.peft_config[adapter_name] = config
+            undo.append(lambda: self.peft_config.pop(adapter_name, None))
+            for target in targets:
+                module = self.model.get_submodule(target.name)
+                if isinstance(module, FourierFTLinear):
+                    undo.append(functools.partial(module.delete_adapter, adapter_name))
+                    module.update_layer(adapter_name, target.n_frequency, config)
+                    continue
+                new = FourierFTLinear(
+                    module, adapter_name, config, target.n_frequency, fan_in_fan_out=target.kind == bridge.CONV1D
+                )
+                self._replace(target.name, new)
+                undo.append(functools.partial(self._replace, target.name, module))
+            for name in saved:
+                module = self.model.get_submodule(name)
+                if isinstance(module, ModulesToSaveWrapper):
+                    undo.append(functools.partial(module.remove, adapter_name))
+                    module.update(adapter_name)
+                else:
+                    self._replace(name, ModulesToSaveWrapper(module, adapter_name))
+                    undo.append(functools.partial(self._replace, name, module))
+            self._refresh()
+        except BaseException:
+            for action in reversed(undo):
+                action()
+            self._restore_selection_state(flags)
+            raise
+
+    def _selection_state(self) -> tuple[dict, dict, dict]:
+        """What ``_refresh`` changes: ``requires_grad`` of every parameter, the layers' and wrappers' selection."""
+        grads = {id(p): (p, p.requires_grad) for p in self.model.parameters()}
+        layers = {id(m): (m, list(m.active_adapters)) for m in self._fourier_layers().values()}
+        wrappers = {id(m): (m, m.active_adapter) for m in self._wrappers().values()}
+        return grads, layers, wrappers
+
+    @staticmethod
+    def _restore_selection_state(state: tuple[dict, dict, dict]) -> None:
+        grads, layers, wrappers = state
+        for param, flag in grads.values():
+            param.requires_grad_(flag)
+        for layer, active in layers.values():
+            layer.active_adapters = active
+        for wrapper, active in wrappers.values():
+            wrapper.active_adapter = active
 
     def _replace(self, name: str, new: nn.Module) -> None:
         parent_name, child = _split(name)
@@ -285,24 +325,25 @@ class FourierFTModel(nn.Module):
         self._refresh()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter everywhere; if it was active, the first remaining one becomes active."""
+        """Remove an adapter everywhere; if it was active, the first remaining one becomes active.
+
+        As in PEFT, the last adapter may be deleted too (the layers go back to the base modules), and a merged
+        adapter is refused -- before anything changes.
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        merged_into = [name for name, layer in self._fourier_layers().items() if adapter_name in layer.merged_adapters]
+        if merged_into:  # checked before anything changes (PEFT refuses this too)
+            raise ValueError(
+                f"adapter {adapter_name!r} is merged into {', '.join(merged_into)}; unmerge_adapter() before deleting"
+            )
         del self.peft_config[adapter_name]
         for name, layer in self._fourier_layers().items():
-            if adapter_name in layer.merged_adapters:
-                raise ValueError(f"adapter {adapter_name!r} is merged into {name}; unmerge it before deleting")
-        for name, layer in self._fourier_layers().items():
-            for store in (layer.fourierft_n_frequency, layer.fourierft_scaling, layer.fourierft_random_loc_seed,
-                          layer.indices, layer._plans):
-                store.pop(adapter_name, None)
-            if adapter_name in layer.fourierft_spectrum:
-                del layer.fourierft_spectrum[adapter_name]
+            layer.delete_adapter(adapter_name)
             if not layer.fourierft_spectrum:
                 self._replace(name, layer.base_layer)
         for name, wrapper in self._wrappers().items():
-            if adapter_name in wrapper.modules_to_save:
-                del wrapper.modules_to_save[adapter_name]
+            wrapper.remove(adapter_name)
             if not len(wrapper.modules_to_save):
                 self._replace(name, wrapper.original_module)
         remaining = [name for name in self.active_adapters if name != adapter_name]
@@ -334,20 +375,31 @@ class FourierFTModel(nn.Module):
                 module.disable_adapters = flag
 
     # ------------------------------------------------------------------ merging
+    def _check_merge_names(self, adapter_names: Optional[Sequence[str]]) -> None:
+        if adapter_names is None:
+            return
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}")
+        unknown = [name for name in adapter_names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"cannot merge unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)}")
+
     def _check_finite(self, adapter_names: Optional[Sequence[str]]) -> None:
+        # Every layer, with every adapter it would merge added in merge order, before any weight changes.
         for name, layer in self._fourier_layers().items():
-            weight = layer.base_layer.weight
-            for adapter in adapter_names or layer.active_adapters:
-                if adapter in layer.fourierft_spectrum and adapter not in layer.merged_adapters:
-                    merged = weight.detach() + layer._weight_delta(adapter).to(weight.dtype)
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(
-                            f"NaNs detected in the merged weights of {name}. The adapter {adapter} seems to be broken;"
-                            f" no weight was changed"
-                        )
+            merged = layer.merged_weight(adapter_names)
+            if merged is not None and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights of {name}. The adapter(s) "
+                    f"{layer.to_merge(adapter_names)} seem to be broken; no weight was changed"
+                )
 
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        """Merge the active (or named) adapters into the base weights; ``unmerge_adapter`` undoes it."""
+        """Merge the active (or named) adapters into the base weights; ``unmerge_adapter`` undoes it.
+
+        ``safe_merge`` checks every layer for NaN/inf before changing any weight; an unknown name raises first.
+        """
+        self._check_merge_names(adapter_names)
         if safe_merge:
             self._check_finite(adapter_names)
         for layer in self._fourier_layers().values():
@@ -366,6 +418,7 @@ class FourierFTModel(nn.Module):
 
         ``safe_merge`` checks every layer for NaN/inf before changing any weight.
         """
+        self._check_merge_names(adapter_names)
         if safe_merge:
             self._check_finite(adapter_names)
         return self._unload(merge=True, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
@@ -483,15 +536,17 @@ class FourierFTModel(nn.Module):
         """
         from safetensors.torch import load_file
 
+        from bridge._src.peft_reader import check_folder
+
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
-        config = bridge.FourierFTConfig.from_pretrained(directory)
+        # bridge's strict reader: config, weights file (never a pickle) and every key against the config
+        config, path = check_folder(directory)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         if config.bias != "none" and any(c.bias != "none" for c in self.peft_config.values()):
             raise ValueError("FourierFTModel supports only 1 adapter with bias")
         config, targets, saved = self._plan_adapter(config)
         keys = self._adapter_keys(config, targets, saved)
-        path = weights_path(directory)
         shapes, _ = read_shapes(path)
         renames = rename_bias_aliases(keys, list(shapes))
         shapes = {renames.get(k, k): v for k, v in shapes.items()}
@@ -500,9 +555,10 @@ class FourierFTModel(nn.Module):
             tensors = {renames.get(k, k): v for k, v in load_file(path).items()}
         except Exception as error:
             raise bridge.AdapterFormatError(f"{path}: cannot read the tensors (truncated or corrupt?): {error}") from None
-        for key in keys:
-            if not torch.isfinite(tensors[key.key].float()).all() and key.kind == SPECTRUM:
-                raise bridge.AdapterFormatError(f"{path}: key {key.key!r} holds NaN/inf values")
+        bad = [key.key for key in keys
+               if tensors[key.key].is_floating_point() and not torch.isfinite(tensors[key.key].float()).all()]
+        if bad:
+            raise bridge.AdapterFormatError(f"{path}: NaN or inf values in {', '.join(repr(k) for k in bad)}")
         # Validated: now mutate.
         state = torch.random.get_rng_state()
         try:

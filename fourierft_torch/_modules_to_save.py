@@ -31,6 +31,13 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
         self.original_module.requires_grad_(False)
 
+    def remove(self, adapter_name: str) -> None:
+        """Drop ``adapter_name``'s copy (no-op when absent); its selection falls back to the original module."""
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
     def set_adapter(self, adapter_name: Optional[str], trainable: bool = True) -> None:
         """Use ``adapter_name``'s copy (``None`` or an adapter without a copy: the original module)."""
         self.active_adapter = adapter_name if adapter_name in self.modules_to_save else None

@@ -1,25 +1,47 @@
-"""Writing a folder so that readers see the old one or the new one, never a half-written mix.
+"""Writing a folder so that, at every instant a process can be killed, the destination holds the complete old
+content or the complete new content -- never a mix, and never nothing without automatic recovery.
 
-Every writer of this project (PEFT adapters, merged models, converted adapters, Orbax adapter checkpoints) writes
-into a fresh temporary sibling of its destination -- same parent, so same filesystem and renames are atomic --
-and moves it into place only once it is complete:
+Every writer of this project (PEFT adapters, merged models, converted adapters, Orbax adapter checkpoints)
+builds the complete new folder in a fresh temporary sibling of its destination (same parent, so same filesystem)
+and then puts it in place with one atomic step:
 
 * ``temporary_sibling``: the one routine that creates such a folder (``.<name>.tmp-<token>``). It is made with
   ``os.mkdir``, so it gets the permissions any new folder gets under the process's umask (``tempfile.mkdtemp``'s
   ``0700`` would survive into the destination);
-* ``replace_directory``: the finished folder takes the destination's place, replacing an existing one;
-* ``atomic_directory``: a context manager doing both, and removing the temporary folder when the block fails;
+* ``replace_directory``: the finished folder takes the destination's place. On Linux an existing destination is
+  swapped with it by ``renameat2(RENAME_EXCHANGE)`` (``exchange_directories``), one system call; elsewhere, or
+  on filesystems without that flag, the old folder is renamed to ``.<name>.old-<token>`` and the new one to the
+  destination: a kill between the two renames leaves no destination, which ``recover_directory`` restores;
+* ``recover_directory``: called at the start of every write (and meant for the readers of these folders;
+  ``fourierft_jax.load_adapter`` calls it): puts a ``.old-*`` copy back when the destination is missing,
+  removes stale ``.old-*`` copies, and for writers the ``.<name>.tmp-*`` folders killed writes left behind;
+* ``atomic_directory``: a context manager doing all of it, and removing the temporary folder when the block
+  fails. With ``merge=True`` (a PEFT folder keeping its other adapters' sub-folders) the temporary folder first
+  receives hard links to every entry of the existing destination the new content does not replace, so a
+  multi-file update is still one swap;
 * ``write_text_atomically``: the same for one file (``adapter_config.json``); ``give_normal_mode`` for files
   written by libraries that create them ``0600`` (``safetensors``).
+
+What is not guaranteed: two writers of one destination at the same time (each one's recovery may delete the
+other's temporary folder; the last swap wins); durability across a power cut (nothing is ``fsync``-ed, a kill
+of the process is what is covered); and a kill can leave a hidden ``.<name>.tmp-*`` folder (a partial new or a
+partly deleted old copy) next to the destination, which the readers skip and the next write removes. Merged
+folders share the carried entries' inodes with the replaced folder (hard links): the writers never modify files
+in place, so neither copy changes the other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
 import secrets
 import shutil
-from typing import Iterator, Optional, Union
+import stat
+import sys
+from typing import Callable, Iterator, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -132,23 +154,139 @@ def write_text_atomically(path: PathLike, text: str) -> None:
         raise
 
 
-def replace_directory(temporary: str, target: str) -> None:
-    """Move the finished ``temporary`` folder to ``target``, replacing any existing ``target``.
+def _load_renameat2() -> Optional[Callable[..., int]]:
+    """glibc's ``renameat2`` (Linux 3.15+, glibc 2.28+), or ``None`` where the C library has no such symbol."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
-    ``temporary`` must be a sibling of ``target`` (same filesystem, so renames are atomic). An existing ``target``
-    first steps aside under a hidden name, the new folder takes its name, and only then is the old one deleted; if
-    the second rename fails the old folder is put back.
+
+_renameat2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+# What a kernel or filesystem without the exchange flag answers (tmpfs, ext4, xfs, btrfs have it; some network
+# and FUSE filesystems do not): the caller then takes the two-rename path.
+_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
+def exchange_directories(first: str, second: str) -> bool:
+    """Swap two existing paths in one atomic step (``renameat2(RENAME_EXCHANGE)``); ``False`` where the system
+    or the filesystem cannot, with nothing changed. Any other failure raises ``OSError``.
 
     Example:
         >>> import tempfile
         >>> parent = tempfile.mkdtemp()
-        >>> new = temporary_sibling(os.path.join(parent, "out"))
-        >>> replace_directory(new, os.path.join(parent, "out"))
+        >>> for name in ("a", "b"):
+        ...     os.makedirs(os.path.join(parent, name, name))
+        >>> swapped = exchange_directories(os.path.join(parent, "a"), os.path.join(parent, "b"))
+        >>> os.listdir(os.path.join(parent, "a")) == (["b"] if swapped else ["a"])
+        True
+    """
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), first, None, second)
+
+
+def _siblings(target: str, kind: str) -> list[str]:
+    """The hidden ``.<name>.<kind>-<token>`` entries next to ``target``, sorted; for ``tmp``, also what a write
+    nested in such a temporary folder left next to it (``..<name>.tmp-<token>.tmp-<token>``)."""
+    parent, name = os.path.split(target)
+    if kind == "old":
+        pattern = re.compile(re.escape(f".{name}.old-") + "[0-9a-f]+")
+    else:
+        pattern = re.compile(r"\.+" + re.escape(f"{name}.tmp-") + r"[0-9a-f]+(\.(tmp|old)-[0-9a-f]+)*")
+    try:
+        entries = os.listdir(parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [os.path.join(parent, entry) for entry in sorted(entries) if pattern.fullmatch(entry)]
+
+
+def recover_directory(target: PathLike, *, writing: bool = False, children: bool = False) -> None:
+    """Finish what a writer killed inside ``replace_directory`` left next to ``target``; idempotent and cheap.
+
+    Where the two-rename fallback was killed between its renames, ``target`` is missing and its complete old
+    content sits in ``.<name>.old-<token>``: it is renamed back. Where ``target`` exists, stale ``.old-*`` folders
+    (a kill while deleting the old content) are removed. With ``writing=True`` (a writer about to write
+    ``target``), left-over ``.<name>.tmp-<token>`` folders of killed writes are removed too; readers leave those
+    alone, as they may belong to a write in progress. With ``children=True`` the folders inside ``target`` are
+    recovered the same way (a PEFT folder whose sub-folder adapters are written on their own). Two ``.old-*`` folders and no ``target`` (only possible with
+    concurrent writers) raise ``FileExistsError`` naming them.
+
+    Example:
+        >>> import tempfile
+        >>> parent = tempfile.mkdtemp()
+        >>> os.makedirs(os.path.join(parent, ".out.old-00ff", "kept"))
+        >>> recover_directory(os.path.join(parent, "out"))
+        >>> os.listdir(parent), os.listdir(os.path.join(parent, "out"))
+        (['out'], ['kept'])
+    """
+    target = os.path.abspath(os.fspath(target))
+    old = _siblings(target, "old")
+    if old and not os.path.lexists(target):
+        if len(old) > 1:
+            raise FileExistsError(f"{target} is missing and several old copies stand next to it ({old}): "
+                                  "were two writers running at once? Rename the right one to its place")
+        os.rename(old[0], target)
+        old = []
+    for path in old + (_siblings(target, "tmp") if writing else []):
+        _remove(path)
+    if children and os.path.isdir(target):
+        names = {match.group(1) for match in map(_CHILD.fullmatch, os.listdir(target)) if match}
+        for name in sorted(names):
+            recover_directory(os.path.join(target, name), writing=writing)
+
+
+_CHILD = re.compile(r"\.+(.+?)\.(?:tmp|old)-[0-9a-f]+(?:\.(?:tmp|old)-[0-9a-f]+)*")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def replace_directory(temporary: str, target: str) -> None:
+    """Move the finished ``temporary`` folder to ``target``, replacing any existing ``target`` in one step.
+
+    ``temporary`` must be a sibling of ``target`` (same filesystem). A missing ``target`` is a plain rename. An
+    existing one is swapped with ``temporary`` atomically (``exchange_directories``), after which ``temporary``
+    holds the old content and is deleted. Where the swap is unsupported, the fallback renames ``target`` to
+    ``.<name>.old-<token>``, ``temporary`` to ``target``, then deletes the old copy: a kill between the two
+    renames leaves no ``target``, which ``recover_directory`` (called first by every writer, and by readers)
+    puts back; if
+    the second rename fails the old folder is put back at once.
+
+    Example:
+        >>> import tempfile
+        >>> parent = tempfile.mkdtemp()
+        >>> for _ in range(2):
+        ...     new = temporary_sibling(os.path.join(parent, "out"))
+        ...     replace_directory(new, os.path.join(parent, "out"))
         >>> os.listdir(parent)
         ['out']
     """
-    if not os.path.exists(target):
+    if not os.path.lexists(target):
         os.rename(temporary, target)
+        return
+    # A working directory inside the replaced folder would follow the old inode and be deleted with it
+    # (`save_pretrained(".")`): move it to the same path in the new folder.
+    inside = _relative_cwd(target)
+    if exchange_directories(temporary, target):
+        _follow(target, inside)
+        _remove(temporary)
         return
     old = temporary_sibling(target, kind="old")  # reserves a free name
     os.rmdir(old)
@@ -158,50 +296,82 @@ def replace_directory(temporary: str, target: str) -> None:
     except BaseException:
         os.rename(old, target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _follow(target, inside)
+    _remove(old)
+
+
+def _relative_cwd(target: str) -> Optional[str]:
+    """The working directory's path relative to ``target`` when it lies inside ``target``, else ``None``."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        return None
+    relative = os.path.relpath(cwd, os.path.realpath(target))
+    return None if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
+def _follow(target: str, inside: Optional[str]) -> None:
+    if inside is not None:
+        path = os.path.normpath(os.path.join(target, inside))
+        os.chdir(path if os.path.isdir(path) else target)
 
 
 @contextlib.contextmanager
 def atomic_directory(directory: PathLike, *, merge: bool = False) -> Iterator[str]:
-    """Yield a fresh temporary sibling of ``directory``; when the block succeeds, put it in place.
+    """Yield a fresh temporary sibling of ``directory``; when the block succeeds, put it in place in one step.
 
-    If ``directory`` does not exist the temporary folder is renamed onto it (one atomic step). If it exists, it is
-    replaced as a whole (``replace_directory``), or with ``merge=True`` each entry of the new folder is moved into
-    it with ``os.replace`` (atomic per file, sub-folders merged the same way, other entries left alone: a PEFT
-    folder keeps its other adapters). When the block raises, nothing is moved and the temporary folder is removed.
+    Left-overs of killed writes are first cleared (``recover_directory(..., writing=True)``). A missing
+    ``directory`` is created by one rename; an existing one is replaced as a whole (``replace_directory``). With
+    ``merge=True`` the entries of the existing ``directory`` that the new content does not replace are first
+    hard-linked (copied where links are refused) into the temporary folder, sub-folders merged the same way, so
+    a PEFT folder keeps its other adapters and the whole change is still one swap. When the block raises,
+    nothing is moved and the temporary folder is removed.
 
     Example:
         >>> import tempfile
         >>> target = os.path.join(tempfile.mkdtemp(), "adapter")
-        >>> with atomic_directory(target) as tmp:
-        ...     _ = open(os.path.join(tmp, "x.txt"), "w").write("hi")
-        >>> os.listdir(target)
-        ['x.txt']
+        >>> for name in ("x.txt", "y.txt"):
+        ...     with atomic_directory(target, merge=True) as tmp:
+        ...         _ = open(os.path.join(tmp, name), "w").write("hi")
+        >>> sorted(os.listdir(target))
+        ['x.txt', 'y.txt']
     """
     directory = os.path.abspath(os.fspath(directory))
+    recover_directory(directory, writing=True)
     if os.path.isfile(directory):
         raise ValueError(f"{directory} is a file, not a directory")
     temporary = temporary_sibling(directory)
     try:
         yield temporary
         if merge and os.path.isdir(directory):
-            _move_into(temporary, directory)
-        else:
-            replace_directory(temporary, directory)
+            _link_missing(directory, temporary)
+        replace_directory(temporary, directory)
     finally:
-        if os.path.exists(temporary):
-            shutil.rmtree(temporary, ignore_errors=True)
+        if os.path.lexists(temporary):
+            _remove(temporary)
 
 
-def _move_into(source: str, destination: str) -> None:
+_TEMPORARY = re.compile(r"\..+\.(tmp|old)-[0-9a-f]+")
+
+
+def _link_missing(source: str, destination: str) -> None:
+    """Give ``destination`` every entry of ``source`` it lacks (recursively), as hard links where possible."""
+    os.chmod(destination, stat.S_IMODE(os.stat(source).st_mode))  # as when the entries were moved into it
     for entry in sorted(os.listdir(source)):
         src, dst = os.path.join(source, entry), os.path.join(destination, entry)
-        if os.path.isdir(src):
-            if os.path.isdir(dst):
-                _move_into(src, dst)
-            else:
-                if os.path.exists(dst):
-                    os.remove(dst)
-                os.rename(src, dst)
+        if _TEMPORARY.fullmatch(entry):  # a killed write's left-over inside the folder: not carried over
+            continue
+        if os.path.lexists(dst):
+            if os.path.isdir(dst) and not os.path.islink(dst) and os.path.isdir(src) and not os.path.islink(src):
+                _link_missing(src, dst)
+            continue
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        elif os.path.isdir(src):
+            os.mkdir(dst)
+            _link_missing(src, dst)
         else:
-            os.replace(src, dst)
+            try:
+                os.link(src, dst)
+            except OSError:  # filesystems without hard links, or a file protected_hardlinks refuses
+                shutil.copy2(src, dst)

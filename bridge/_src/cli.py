@@ -52,6 +52,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_json(summaries, args.path, args.lora_rank), indent=2))
     else:
         print(summary.format_text(summaries, args.path, args.lora_rank))
+    problems = summary.problems(summaries)
+    if problems:  # the report above lists them one per line; the error line sums them up
+        raise AdapterFormatError(f"{args.path} is inconsistent ({len(problems)} problem(s)): " + "; ".join(problems))
     return 0
 
 
@@ -158,6 +161,7 @@ def _orbax_to_peft(args: argparse.Namespace, dst: str, name_map) -> int:
     from .folders import is_conv1d, open_base
 
     saved = fourierft_jax.load_adapter(args.src)
+    _warn_nonfinite(_orbax_nonfinite(saved))
     conv1d = None
     if args.base:
         base = open_base(args.base)
@@ -176,18 +180,42 @@ def _peft_to_orbax(args: argparse.Namespace, dst: str, name_map) -> int:
     """Save the PEFT adapter ``args.src`` (layer shapes from ``args.base``) as an Orbax checkpoint at ``dst``."""
     import fourierft_jax
 
-    from .folders import is_conv1d, open_base, resolve, select_adapter
+    from .folders import is_conv1d, open_base
+    from .peft_reader import nonfinite_keys, open_strict
 
     base = open_base(args.base)
-    opened = select_adapter(args.src, args.adapter_name)
-    resolution = resolve(opened, base)
+    opened, resolution = open_strict(args.src, args.adapter_name, base=base)
+    _warn_nonfinite(nonfinite_keys(opened))
     shapes = {layer.name: (layer.out_features, layer.in_features) for layer in resolution.layers}
     saved = fourierft_jax.read_peft(
         args.src, shapes=shapes, name_map=name_map, adapter_name=args.adapter_name,
-        conv1d=lambda name: is_conv1d(name, base.model_type, opened.config, None),
+        conv1d=lambda name: is_conv1d(name, base.model_type, opened.config, None), finite=False,
     )
     fourierft_jax.save_adapter(dst, saved, overwrite=args.overwrite)
     return len(saved.spec.layers)
+
+
+def _warn_nonfinite(keys: Sequence[str]) -> None:
+    """A conversion copies NaN/inf faithfully (a merge refuses them): say so, naming the tensors."""
+    if keys:
+        shown = ", ".join(repr(key) for key in keys[:10]) + (f" (and {len(keys) - 10} more)" if len(keys) > 10 else "")
+        print(f"{PROG} convert: warning: NaN or inf values in {shown}; copied as they are", file=sys.stderr)
+
+
+def _orbax_nonfinite(saved) -> list[str]:
+    import numpy as np
+
+    from fourierft_jax._src.saved_common import flat_leaves
+
+    bad = []
+    for group, modules in saved.state.items():
+        for module, tree in modules.items():
+            for rel, value in flat_leaves(tree):
+                array = np.asarray(value)
+                if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+                    if not np.isfinite(array.astype(np.float32)).all():
+                        bad.append(".".join([group, module, *map(str, rel)]))
+    return bad
 
 
 def _base_array(base, name: str):

@@ -99,6 +99,12 @@ class FourierFTConfig:
                 f"FourierFTConfig: `random_loc_seed` must be a 64-bit integer (the seed of the spectral positions), "
                 f"got {self.random_loc_seed!r}"
             )
+        for field in ("fan_in_fan_out", "init_weights", "inference_mode"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"FourierFTConfig: `{field}` must be true or false, got {getattr(self, field)!r}")
+        for field in ("task_type", "base_model_name_or_path", "revision", "peft_version"):
+            if getattr(self, field) is not None and not isinstance(getattr(self, field), str):
+                raise ValueError(f"FourierFTConfig: `{field}` must be a string or null, got {getattr(self, field)!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"FourierFTConfig: `bias` must be one of {BIAS_MODES}, got {self.bias!r}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

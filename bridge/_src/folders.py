@@ -15,6 +15,7 @@ import json
 import os
 from typing import Optional, Union
 
+from .atomic import recover_directory
 from .config import CONFIG_NAME, FourierFTConfig
 from .peft_format import DEFAULT_ADAPTER, KEY_PREFIX, SPECTRUM_NAME, WEIGHTS_NAME, AdapterFormatError, list_adapters
 from .tensor_io import SafetensorsError, SafetensorsFile
@@ -90,18 +91,19 @@ class Adapter:
         return total
 
 
-def open_adapters(path: PathLike) -> list[Adapter]:
+def open_adapters(path: PathLike, strict: bool = True) -> list[Adapter]:
     """Every adapter of a PEFT directory: the folder's own (``"default"``) and those in sub-folders.
 
     Example:
         >>> import tempfile, numpy as np
         >>> from bridge import FourierFTConfig, spectrum_key, write_adapter
         >>> folder = tempfile.mkdtemp()
-        >>> _ = write_adapter(folder, FourierFTConfig(target_modules=["q"]), {spectrum_key("l.q"): np.zeros(4, np.float32)})
+        >>> _ = write_adapter(folder, FourierFTConfig(n_frequency=4, target_modules=["q"]), {spectrum_key("l.q"): np.zeros(4, np.float32)})
         >>> [(a.name, [(l.name, l.n_frequency) for l in a.layers]) for a in open_adapters(folder)]
         [('default', [('l.q', 4)])]
     """
     directory = os.fspath(path)
+    recover_directory(directory, children=True)  # a write killed between its two fallback renames is undone first
     if not os.path.exists(directory):
         raise CheckpointError(f"{directory}: no such file or directory")
     if not os.path.isdir(directory):
@@ -111,10 +113,10 @@ def open_adapters(path: PathLike) -> list[Adapter]:
         raise CheckpointError(
             f"{directory} holds no {CONFIG_NAME}, neither itself nor in a sub-folder: not a PEFT adapter directory"
         )
-    return [open_adapter(directory, name) for name in names]
+    return [open_adapter(directory, name, strict) for name in names]
 
 
-def select_adapter(path: PathLike, adapter_name: Optional[str] = None) -> Adapter:
+def select_adapter(path: PathLike, adapter_name: Optional[str] = None, strict: bool = True) -> Adapter:
     """The adapter ``adapter_name`` of a directory; without a name, ``"default"`` or the only one there is.
 
     Example:
@@ -133,19 +135,20 @@ def select_adapter(path: PathLike, adapter_name: Optional[str] = None) -> Adapte
             raise CheckpointError(
                 f"{directory} has no adapter named {adapter_name!r}; it holds {names or 'no adapter'}"
             )
-        return open_adapter(directory, adapter_name)
+        return open_adapter(directory, adapter_name, strict)
     if not names:
         open_adapters(directory)
     if DEFAULT_ADAPTER in names or len(names) == 1:
-        return open_adapter(directory, DEFAULT_ADAPTER if DEFAULT_ADAPTER in names else names[0])
+        return open_adapter(directory, DEFAULT_ADAPTER if DEFAULT_ADAPTER in names else names[0], strict)
     raise CheckpointError(f"{directory} holds several adapters {names}: choose one with --adapter-name")
 
 
-def open_adapter(directory: PathLike, name: str = DEFAULT_ADAPTER) -> Adapter:
+def open_adapter(directory: PathLike, name: str = DEFAULT_ADAPTER, strict: bool = True) -> Adapter:
     """Open adapter ``name`` of a PEFT directory and sort its keys into spectra and replaced tensors.
 
     Raises ``CheckpointError``/``AdapterFormatError`` on a wrong ``peft_type``, a missing or corrupt weights
-    file, or keys that are not PEFT FourierFT keys.
+    file, or (``strict``) keys that are not PEFT FourierFT keys; ``strict=False`` leaves those to
+    ``peft_reader.file_problems``, which names every one.
     """
     folder = os.fspath(directory) if name == DEFAULT_ADAPTER else os.path.join(os.fspath(directory), name)
     try:
@@ -167,7 +170,9 @@ def open_adapter(directory: PathLike, name: str = DEFAULT_ADAPTER) -> Adapter:
     wrapped: dict[str, str] = {}
     for key in file.keys():
         if not key.startswith(KEY_PREFIX):
-            raise AdapterFormatError(f"{path}: key {key!r} does not start with {KEY_PREFIX!r}: not a PEFT adapter file")
+            if strict:
+                raise AdapterFormatError(f"{path}: key {key!r} does not start with {KEY_PREFIX!r}: not a PEFT adapter file")
+            continue  # peft_reader.file_problems names it
         name_in_model = key[len(KEY_PREFIX) :]
         if name_in_model.endswith(_SPECTRUM_SUFFIX):
             shape = file.shape(key)
@@ -182,7 +187,7 @@ def open_adapter(directory: PathLike, name: str = DEFAULT_ADAPTER) -> Adapter:
             plain[name_in_model[: -len("base_layer.bias")] + "bias"] = key
         else:
             plain[name_in_model] = key
-    if not layers:
+    if not layers and strict:
         raise AdapterFormatError(f"{path} holds no {SPECTRUM_NAME} tensor: not a FourierFT adapter")
     plain.update(wrapped)  # the trained modules_to_save copy wins over any other spelling
     return Adapter(folder, name, config, file, layers, plain)
@@ -305,6 +310,7 @@ class Resolution:
     layers: list[ResolvedLayer]
     tensors: dict[str, str]  # {base key: adapter key}
     prefix_note: str  # how adapter names were mapped onto the checkpoint's ("" when they matched exactly)
+    rewrite: tuple[str, str] = ("", "")  # (strip, add): an adapter name minus `strip`, plus `add`, is the base's
 
 
 def is_conv1d(layer_name: str, model_type: Optional[str], config: FourierFTConfig, fan_in_fan_out: Optional[bool]) -> bool:
@@ -407,4 +413,4 @@ def resolve(adapter: Adapter, base: BaseCheckpoint, fan_in_fan_out: Optional[boo
     if problems:
         raise CheckpointError(f"adapter {adapter.directory} does not fit the base model {base.path}: " + "; ".join(problems))
     note = "" if best == ("", "") else f"adapter names {best[0] or '<root>'!r}... mapped to {best[1] or '<root>'!r}..."
-    return Resolution(layers, tensors, note)
+    return Resolution(layers, tensors, note, best)

@@ -25,8 +25,6 @@ from .folders import (
     Resolution,
     ResolvedLayer,
     open_base,
-    resolve,
-    select_adapter,
 )
 from .plans import DeltaScatter, delta_scatter, layer_plans
 from .tensor_io import FLOAT_DTYPES, from_float32, header_bytes, to_float32, write_bytes
@@ -101,10 +99,14 @@ class MergeReport:
 def plan_merge(
     base: PathLike, adapter: PathLike, adapter_name: Optional[str] = None, fan_in_fan_out: Optional[bool] = None
 ) -> tuple[BaseCheckpoint, Adapter, Resolution]:
-    """Open both sides and check that the adapter fits the base (headers only; nothing is written)."""
+    """Open both sides and check that the adapter fits the base, strictly (``peft_reader.open_strict``: every key
+    against the config and the base, NaN/inf refused); nothing is written."""
+    from .peft_reader import open_strict
+
     checkpoint = open_base(base)
-    opened = select_adapter(adapter, adapter_name)
-    return checkpoint, opened, resolve(opened, checkpoint, fan_in_fan_out)
+    opened, resolution = open_strict(adapter, adapter_name, base=checkpoint, fan_in_fan_out=fan_in_fan_out,
+                                     finite=True)
+    return checkpoint, opened, resolution
 
 
 def merge_adapter(

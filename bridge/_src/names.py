@@ -5,21 +5,50 @@ for ``params["encoder"]["layer"]["0"]["attention"]["self"]["query"]``), which is
 HF-style models whose Flax names mirror transformers'. Other conventions give rules: ordered ``(pattern,
 replacement)`` regex rewrites (``re.sub``, each applied to the result of the previous one) or a callable, for
 each direction. Every map used on a set of layers is checked: each name must map to exactly one name, no two
-names to the same one, and, when both directions are given, each must come back to itself.
+names to the same one, and, when both directions are given, each must come back to itself. A rule that rewrites
+none of the names is almost always a typo (the names then pass through unchanged and PEFT finds no such module),
+so it is reported naming the rule: a warning by default, an error with ``unused_rules="error"``, nothing with
+``"ignore"`` (a library's ready rules, of which each model uses only some).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+import warnings
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 Rules = Union[None, Sequence[Sequence[str]], Callable[[str], Optional[str]]]
 
 
+UNUSED_RULES = ("error", "warn", "ignore")
+
+
 class NameMapError(ValueError):
     """A name map that does not give every layer exactly one name (the message names the layers)."""
+
+
+class _RuleList:
+    """Ordered ``re.sub`` rules; ``used`` counts, per rule, the names it rewrote since the last ``reset``."""
+
+    def __init__(self, compiled: list, what: str) -> None:
+        self.compiled, self.what = compiled, what
+        self.used = [0] * len(compiled)
+
+    def reset(self) -> None:
+        self.used = [0] * len(self.compiled)
+
+    def __call__(self, name: str) -> str:
+        for i, (pattern, replacement) in enumerate(self.compiled):
+            name, count = pattern.subn(replacement, name)
+            self.used[i] += count > 0
+        return name
+
+    def unused(self) -> list[str]:
+        return [f"{self.what} rule {i} ({pattern.pattern!r} -> {replacement!r})"
+                for i, ((pattern, replacement), n) in enumerate(zip(self.compiled, self.used)) if not n]
 
 
 def _compile(rules: Rules, what: str) -> Optional[Callable[[str], Optional[str]]]:
@@ -35,13 +64,7 @@ def _compile(rules: Rules, what: str) -> Optional[Callable[[str], Optional[str]]
             compiled.append((re.compile(rule[0]), str(rule[1])))
         except re.error as error:
             raise NameMapError(f"{what} rule pattern {rule[0]!r} is not a regular expression: {error}") from None
-
-    def rewrite(name: str) -> str:
-        for pattern, replacement in compiled:
-            name = pattern.sub(replacement, name)
-        return name
-
-    return rewrite
+    return _RuleList(compiled, what)
 
 
 class NameMap:
@@ -52,6 +75,9 @@ class NameMap:
             ``re.sub``, or a callable returning the name (``None`` when it has none). ``None``: identity.
         to_flax: the same for torch name → JAX name. When absent and the JAX names are known (a params tree),
             the inverse is found by mapping those names forward.
+        unused_rules: what a regex rule that rewrites none of the names it is applied to gives: ``"warn"``
+            (default: a ``UserWarning`` naming the rule), ``"error"`` (a ``NameMapError`` naming it) or
+            ``"ignore"``. Callables are not checked.
 
     Example:
         >>> names = NameMap(to_torch=[(r"layers_(\\d+)", r"layers.\\1"), (r"\\.attn\\.q$", ".self_attn.q_proj")])
@@ -59,11 +85,20 @@ class NameMap:
         {'layers_0.attn.q': 'layers.0.self_attn.q_proj'}
         >>> names.to_flax_names(["layers.0.self_attn.q_proj"], known_flax=["layers_0.attn.q", "layers_0.attn.k"])
         {'layers.0.self_attn.q_proj': 'layers_0.attn.q'}
+        >>> strict = NameMap(to_torch=[(r"layers_(\\d+)", r"layers.\\1"), (r"\\.attn\\.q$", ".self_attn.q_proj")],
+        ...                  unused_rules="error")
+        >>> strict.to_torch_names(["layers_0.attn.k"])
+        Traceback (most recent call last):
+        ...
+        bridge._src.names.NameMapError: name map rule(s) matched none of the 1 name(s) ['layers_0.attn.k']: to_torch rule 1 ('\\\\.attn\\\\.q$' -> '.self_attn.q_proj')
     """
 
-    def __init__(self, to_torch: Rules = None, to_flax: Rules = None) -> None:
+    def __init__(self, to_torch: Rules = None, to_flax: Rules = None, *, unused_rules: str = "warn") -> None:
+        if unused_rules not in UNUSED_RULES:
+            raise NameMapError(f"unused_rules must be one of {UNUSED_RULES}, got {unused_rules!r}")
         self._to_torch = _compile(to_torch, "to_torch")
         self._to_flax = _compile(to_flax, "to_flax")
+        self.unused_rules = unused_rules
 
     @property
     def is_identity(self) -> bool:
@@ -99,18 +134,29 @@ class NameMap:
             raise NameMapError(f"name map must be a list of rules or an object with 'to_torch'/'to_flax', got {data!r}")
         return cls(data.get("to_torch"), data.get("to_flax"))
 
-    def to_torch_names(self, flax_names: Iterable[str]) -> dict[str, str]:
-        """``{JAX name: torch name}`` for every name, checked to be one-to-one (and to round-trip if it can)."""
-        return self._map(list(flax_names), self._to_torch, self._to_flax, "JAX", "torch")
+    def to_torch_names(self, flax_names: Iterable[str], *, check_rules: bool = True) -> dict[str, str]:
+        """``{JAX name: torch name}`` for every name, checked to be one-to-one (and to round-trip if it can).
 
-    def to_flax_names(self, torch_names: Iterable[str], known_flax: Optional[Iterable[str]] = None) -> dict[str, str]:
+        ``flax_names`` should be all the names the map is meant for (every module an adapter writes): each
+        ``to_torch`` rule must rewrite one of them (see ``unused_rules``). ``check_rules=False`` skips that
+        check, for looking up a single name of a set already checked.
+        """
+        flax_names = list(flax_names)
+        with self._checking(check_rules, flax_names, self._to_torch):
+            return self._map(flax_names, self._to_torch, self._to_flax, "JAX", "torch")
+
+    def to_flax_names(self, torch_names: Iterable[str], known_flax: Optional[Iterable[str]] = None, *,
+                      check_rules: bool = True) -> dict[str, str]:
         """``{torch name: JAX name}``; without ``to_flax`` rules the JAX names are found among ``known_flax``.
 
-        Raises ``NameMapError`` naming every torch name with no JAX name, or two torch names sharing one.
+        Raises ``NameMapError`` naming every torch name with no JAX name, or two torch names sharing one. The
+        rules applied to the set (``to_flax`` to ``torch_names``, else ``to_torch`` to ``known_flax``) must each
+        rewrite one name (see ``unused_rules``; ``check_rules=False`` skips it).
         """
         torch_names = list(torch_names)
         if self._to_flax is not None or self._to_torch is None:
-            mapped = self._map(torch_names, self._to_flax, self._to_torch, "torch", "JAX")
+            with self._checking(check_rules, torch_names, self._to_flax):
+                mapped = self._map(torch_names, self._to_flax, self._to_torch, "torch", "JAX")
             if known_flax is not None:
                 known = set(known_flax)
                 missing = [f"{t!r} -> {f!r}" for t, f in mapped.items() if f not in known]
@@ -122,10 +168,12 @@ class NameMap:
                 "the name map has only 'to_torch' rules and the JAX names are unknown here: give 'to_flax' rules too"
             )
         forward: dict[str, list[str]] = {}
-        for flax_name in known_flax:
-            torch_name = self._to_torch(flax_name)
-            if torch_name is not None:
-                forward.setdefault(torch_name, []).append(flax_name)
+        known_flax = list(known_flax)
+        with self._checking(check_rules, known_flax, self._to_torch):
+            for flax_name in known_flax:
+                torch_name = self._to_torch(flax_name)
+                if torch_name is not None:
+                    forward.setdefault(torch_name, []).append(flax_name)
         problems = []
         out = {}
         for name in torch_names:
@@ -139,6 +187,23 @@ class NameMap:
         if problems:
             raise NameMapError("name map is not one-to-one on the adapted modules: " + "; ".join(problems))
         return out
+
+    @contextlib.contextmanager
+    def _checking(self, check: bool, names: list[str], rules) -> Iterator[None]:
+        """Count which of ``rules`` rewrite one of ``names`` while the body maps them; then act on the unused."""
+        if not isinstance(rules, _RuleList):
+            yield
+            return
+        rules.reset()
+        yield
+        unused = rules.unused()
+        if not check or not unused or self.unused_rules == "ignore":
+            return
+        shown = names if len(names) <= 6 else names[:6] + [f"... {len(names) - 6} more"]
+        message = f"name map rule(s) matched none of the {len(names)} name(s) {shown}: {'; '.join(unused)}"
+        if self.unused_rules == "error":
+            raise NameMapError(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
 
     @staticmethod
     def _map(names: list[str], forward, backward, source: str, target: str) -> dict[str, str]:

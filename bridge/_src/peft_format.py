@@ -198,6 +198,41 @@ def rename_bias_aliases(expected: Sequence[AdapterKey], found: Sequence[str]) ->
     return renames
 
 
+def adapter_shape_problems(expected: Sequence[AdapterKey], found: Mapping[str, Sequence[int]]) -> list[str]:
+    """Every missing, unexpected and wrong-shaped key of ``found`` against ``expected``, one sentence each.
+
+    Example:
+        >>> key = AdapterKey(spectrum_key("lin0"), SPECTRUM, "lin0", SPECTRUM_NAME, (5,))
+        >>> adapter_shape_problems([key], {spectrum_key("lin1"): (5,)})  # doctest: +NORMALIZE_WHITESPACE
+        ["layer 'lin0' is targeted by the config but its key 'base_model.model.lin0.fourierft_spectrum' (shape (5,))
+        is missing from the file",
+         "key 'base_model.model.lin1.fourierft_spectrum' (shape (5,)) is in the file but the config does not target
+         layer 'lin1' on this model"]
+    """
+    wanted = {key.key: key for key in expected}
+    have = {key: tuple(int(d) for d in shape) for key, shape in found.items()}
+    problems = []
+    for key in sorted(set(wanted) - set(have)):
+        entry = wanted[key]
+        if entry.kind == SPECTRUM:
+            problems.append(f"layer {entry.module!r} is targeted by the config but its key {key!r} (shape "
+                            f"{tuple(entry.shape)}) is missing from the file")
+        else:
+            problems.append(f"key {key!r} (shape {tuple(entry.shape)}) is missing from the file")
+    for key in sorted(set(have) - set(wanted)):
+        if key.endswith("." + SPECTRUM_NAME) and key.startswith(KEY_PREFIX):
+            layer = key[len(KEY_PREFIX) : -len(SPECTRUM_NAME) - 1]
+            problems.append(f"key {key!r} (shape {have[key]}) is in the file but the config does not target layer "
+                            f"{layer!r} on this model")
+        else:
+            problems.append(f"key {key!r} (shape {have[key]}) is in the file but the model has no place for it")
+    for key in sorted(set(wanted) & set(have)):
+        if tuple(wanted[key].shape) != have[key]:
+            problems.append(f"key {key!r} has shape {have[key]} in the file but the model needs "
+                            f"{tuple(wanted[key].shape)}")
+    return problems
+
+
 def check_adapter_shapes(
     expected: Sequence[AdapterKey], found: Mapping[str, Sequence[int]], source: str = "adapter"
 ) -> None:
@@ -213,16 +248,7 @@ def check_adapter_shapes(
         ...
         bridge._src.peft_format.AdapterFormatError: adapter does not fit the model: key 'base_model.model.lin0.fourierft_spectrum' has shape (4,) in the file but the model needs (5,)
     """
-    wanted = {key.key: tuple(key.shape) for key in expected}
-    have = {key: tuple(int(d) for d in shape) for key, shape in found.items()}
-    problems = []
-    for key in sorted(set(wanted) - set(have)):
-        problems.append(f"key {key!r} (shape {wanted[key]}) is missing from the file")
-    for key in sorted(set(have) - set(wanted)):
-        problems.append(f"key {key!r} (shape {have[key]}) is in the file but the model has no place for it")
-    for key in sorted(set(wanted) & set(have)):
-        if wanted[key] != have[key]:
-            problems.append(f"key {key!r} has shape {have[key]} in the file but the model needs {wanted[key]}")
+    problems = adapter_shape_problems(expected, found)
     if problems:
         raise AdapterFormatError(f"{source} does not fit the model: " + "; ".join(problems))
 
@@ -258,18 +284,15 @@ def read_shapes(path: PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, s
         >>> read_shapes(path)
         ({'a': (3,)}, {'a': 'F32'})
     """
-    from safetensors import safe_open
+    from .tensor_io import SafetensorsError, SafetensorsFile
 
     path = os.fspath(path)
     try:
-        with safe_open(path, framework="numpy") as handle:
-            shapes, dtypes = {}, {}
-            for key in handle.keys():
-                tensor_slice = handle.get_slice(key)
-                shapes[key] = tuple(int(d) for d in tensor_slice.get_shape())
-                dtypes[key] = str(tensor_slice.get_dtype())
-    except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers
-        raise AdapterFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+        file = SafetensorsFile(path)  # checks the header length, every offset and size against the file
+    except SafetensorsError as error:
+        raise AdapterFormatError(str(error)) from None
+    shapes = {key: file.shape(key) for key in file.keys()}
+    dtypes = {key: file.dtype(key) for key in file.keys()}
     return shapes, dtypes
 
 
@@ -278,7 +301,8 @@ def read_adapter(
 ) -> tuple[FourierFTConfig, dict[str, np.ndarray]]:
     """Read an adapter directory into its config and ``{key: numpy array}``.
 
-    With ``targets`` (from ``adapter_keys``) the keys and shapes are checked first (``check_adapter_shapes``).
+    The folder is checked by ``peft_reader.check_folder`` (config, file, spectrum lengths, targeted names); with
+    ``targets`` (from ``adapter_keys``) the keys and shapes are checked too (``check_adapter_shapes``).
     bfloat16 tensors are not representable in numpy: read those with a framework's safetensors loader.
 
     Example:
@@ -291,8 +315,9 @@ def read_adapter(
     """
     from safetensors.numpy import load_file
 
-    config = FourierFTConfig.from_pretrained(directory)
-    path = weights_path(directory)
+    from .peft_reader import check_folder
+
+    config, path = check_folder(directory)  # the strict reader: config, file, every key against the config
     shapes, _ = read_shapes(path)
     if targets is not None:
         check_adapter_shapes(targets, shapes, source=path)

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .folders import Adapter, CheckpointError, ResolvedLayer, SpectrumLayer, is_conv1d, open_base, resolve, select_adapter
+from .folders import Adapter, CheckpointError, ResolvedLayer, SpectrumLayer, is_conv1d, open_base, resolve
 from .merge import delta_weight_float32
 from .positions import spectral_indices
 
@@ -103,7 +103,7 @@ def plot_adapter(
         >>> import tempfile
         >>> from bridge import FourierFTConfig, spectrum_key, write_adapter
         >>> folder = tempfile.mkdtemp()
-        >>> _ = write_adapter(folder, FourierFTConfig(target_modules=["q"]), {spectrum_key("l.q"): np.ones(4, np.float32)})
+        >>> _ = write_adapter(folder, FourierFTConfig(n_frequency=4, target_modules=["q"]), {spectrum_key("l.q"): np.ones(4, np.float32)})
         >>> plot_adapter(folder, os.path.join(folder, "s.png"), shape="8x8")
         ['l.q']
     """
@@ -112,7 +112,9 @@ def plot_adapter(
         raise CheckpointError(f"--out {out_path} already exists: pass --overwrite to replace it")
     if os.path.isdir(out_path):
         raise CheckpointError(f"--out {out_path} is a folder, not an image file")
-    adapter = select_adapter(path, adapter_name)
+    from .peft_reader import open_strict
+
+    adapter, _ = open_strict(path, adapter_name, base=open_base(base) if base is not None else None)
     resolved = layer_shapes(adapter, choose_layers(adapter, layers), base, shape)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

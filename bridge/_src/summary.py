@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any, Optional, Union
 
-from .folders import Adapter, BaseCheckpoint, open_adapters, open_base, resolve
+from .folders import Adapter, BaseCheckpoint, Resolution, open_adapters, open_base
 from .orbax_format import folder_bytes, is_orbax_adapter, layer_names, read_metadata
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -61,6 +61,7 @@ class AdapterSummary:
     other_params: int
     spectrum_dtypes: list[str]
     file_bytes: int
+    problems: list[str] = dataclasses.field(default_factory=list)  # every inconsistency (peft_reader's checks)
 
     @property
     def spectrum_params(self) -> int:
@@ -80,15 +81,37 @@ def summarize(path: PathLike, base: Optional[PathLike] = None) -> list[AdapterSu
         >>> import tempfile, numpy as np
         >>> from bridge import FourierFTConfig, spectrum_key, write_adapter
         >>> folder = tempfile.mkdtemp()
-        >>> _ = write_adapter(folder, FourierFTConfig(target_modules=["q"]), {spectrum_key("l.q"): np.zeros(4, np.float32)})
+        >>> _ = write_adapter(folder, FourierFTConfig(n_frequency=4, target_modules=["q"]), {spectrum_key("l.q"): np.zeros(4, np.float32)})
         >>> summary = summarize(folder)[0]
         >>> summary.spectrum_params, summary.layers[0].out_features
         (4, None)
     """
+    from .peft_reader import base_problems, file_problems, recover, refuse_pickle
+
     if is_orbax_adapter(path):
         return [_summarize_orbax(path)]
+    recover(path)
+    refuse_pickle(path)
     checkpoint: Optional[BaseCheckpoint] = open_base(base) if base is not None else None
-    return [_summarize(adapter, checkpoint) for adapter in open_adapters(path)]
+    summaries = []
+    for adapter in open_adapters(path, strict=False):
+        problems = file_problems(adapter)
+        resolution = None
+        if checkpoint is not None and not problems:
+            more, resolution = base_problems(adapter, checkpoint)
+            problems += more
+        summaries.append(_summarize(adapter, resolution, problems))
+    return summaries
+
+
+def problems(summaries: list[AdapterSummary]) -> list[str]:
+    """Every inconsistency found in the summarised adapters (empty when they are sound).
+
+    Example:
+        >>> problems([])
+        []
+    """
+    return [problem for summary in summaries for problem in summary.problems]
 
 
 def source_format(path: PathLike) -> str:
@@ -130,11 +153,11 @@ def _summarize_orbax(path: PathLike) -> AdapterSummary:
     )
 
 
-def _summarize(adapter: Adapter, checkpoint: Optional[BaseCheckpoint]) -> AdapterSummary:
+def _summarize(adapter: Adapter, resolution: Optional[Resolution], problems: list[str]) -> AdapterSummary:
     scaling = float(adapter.config.scaling)
     layers = [LayerSummary(layer.name, layer.n_frequency, scaling) for layer in adapter.layers]
-    if checkpoint is not None:
-        shapes = {layer.name: layer for layer in resolve(adapter, checkpoint).layers}
+    if resolution is not None:
+        shapes = {layer.name: layer for layer in resolution.layers}
         for layer in layers:
             resolved = shapes[layer.name]
             layer.out_features, layer.in_features, layer.conv1d = (
@@ -150,6 +173,7 @@ def _summarize(adapter: Adapter, checkpoint: Optional[BaseCheckpoint]) -> Adapte
         other_params=adapter.other_params,
         spectrum_dtypes=sorted({adapter.file.dtype(layer.key) for layer in adapter.layers}),
         file_bytes=os.path.getsize(adapter.file.path),
+        problems=list(problems),
     )
 
 
@@ -183,6 +207,7 @@ def to_json(summaries: list[AdapterSummary], path: str, rank: int) -> dict[str, 
                 "lora_rank": rank,
                 "lora_params": summary.lora_params(rank),
             },
+            "problems": summary.problems,
         })
     return {"format": source_format(path), "path": path, "adapters": adapters}
 
@@ -219,13 +244,27 @@ def format_text(summaries: list[AdapterSummary], path: str, rank: int) -> str:
                          f"tensors, {summary.other_params:,} parameters")
         lines.append(f"  total trainable parameters: {summary.spectrum_params + summary.other_params:,}")
         lines.append(f"  adapter file: {summary.file_bytes:,} bytes")
-        lora = summary.lora_params(rank)
-        if lora is None:
-            lines.append(f"  vs LoRA r={rank}: layer shapes unknown, pass --base MODEL to compare")
-        else:
-            ratio = lora / summary.spectrum_params
-            lines.append(
-                f"  vs LoRA r={rank} on the same {len(summary.layers)} layers (r*(in+out) each): {lora:,} parameters; "
-                f"FourierFT stores {ratio:,.1f}x fewer ({lora - summary.spectrum_params:,} saved)"
-            )
+        lines.append(lora_comparison(summary.lora_params(rank), summary.spectrum_params, len(summary.layers), rank))
+        if summary.problems:
+            lines.append(f"  problems ({len(summary.problems)}):")
+            lines += [f"    - {problem}" for problem in summary.problems]
     return "\n".join(lines)
+
+
+def lora_comparison(lora: Optional[int], fourierft: int, layers: int, rank: int) -> str:
+    """The line comparing the spectrum parameters with LoRA rank ``rank`` on the same layers, whichever is smaller.
+
+    Example:
+        >>> lora_comparison(2048, 96, 2, 8)
+        '  vs LoRA r=8 on the same 2 layers (r*(in+out) each): 2,048 parameters; FourierFT stores 21.3x fewer (1,952 saved)'
+        >>> lora_comparison(96, 2048, 2, 8)
+        '  vs LoRA r=8 on the same 2 layers (r*(in+out) each): 96 parameters; LoRA r=8 would store 1,952 fewer (21.3x fewer)'
+    """
+    if lora is None:
+        return f"  vs LoRA r={rank}: layer shapes unknown, pass --base MODEL to compare"
+    head = f"  vs LoRA r={rank} on the same {layers} layers (r*(in+out) each): {lora:,} parameters; "
+    if lora > fourierft:
+        return head + f"FourierFT stores {lora / fourierft:,.1f}x fewer ({lora - fourierft:,} saved)"
+    if lora < fourierft:
+        return head + f"LoRA r={rank} would store {fourierft - lora:,} fewer ({fourierft / lora:,.1f}x fewer)"
+    return head + "the same number as FourierFT"

@@ -191,10 +191,20 @@ def is_excluded(config: FourierFTConfig, name: str) -> bool:
 
 
 def _modules_to_save(config: FourierFTConfig) -> list[str]:
-    # PeftModelForSequenceClassification appends its head names to modules_to_save *before* injecting the adapter,
-    # so with task_type="SEQ_CLS" they are never adapted (the other task types append them afterwards).
-    heads = list(_SEQ_CLS_HEADS) if config.task_type == "SEQ_CLS" else []
-    return list(config.modules_to_save or ()) + heads
+    return list(config.modules_to_save or ()) + task_modules_to_save(config)
+
+
+def task_modules_to_save(config: FourierFTConfig) -> list[str]:
+    """The head modules PEFT's task model adds to ``modules_to_save`` before adapting (``SEQ_CLS``: the classifier).
+
+    PeftModelForSequenceClassification appends them *before* injecting the adapter, so with
+    ``task_type="SEQ_CLS"`` they are never adapted (the other task types append them afterwards).
+
+    Example:
+        >>> task_modules_to_save(FourierFTConfig(task_type="SEQ_CLS"))
+        ['classifier', 'score']
+    """
+    return list(_SEQ_CLS_HEADS) if config.task_type == "SEQ_CLS" else []
 
 
 def is_targeted(config: FourierFTConfig, name: str, target_modules: Union[list[str], str, None] = None) -> bool:

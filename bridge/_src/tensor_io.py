@@ -198,6 +198,8 @@ def _read_header(path: str) -> tuple[dict, dict, int]:
         entry["shape"] = shape
         entry["data_offsets"] = [begin, end]
         end_of_data = max(end_of_data, end)
+    if end_of_data != data_size:  # safetensors itself refuses data it has no tensor for, or a short one
+        raise fail(f"the header describes {end_of_data} bytes of tensor data but the file holds {data_size} after it")
     return header, metadata, 8 + length
 
 

@@ -79,6 +79,39 @@ class AdapterSet:
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.adapters)
 
+    def select(self, trainable: Any) -> "AdapterSet":
+        """The adapters of this set that ``trainable`` holds a state for, in this set's order: what a forward runs.
+
+        The trainable state is what selects, at every call (and, under ``jax.jit``, at every retrace, since its
+        keys are part of the pytree structure): an empty state runs the base model -- that is what
+        ``FourierFTAdapter.trainable`` is while adapters are disabled -- and a name this set does not know is an
+        error naming it, never silently ignored.
+
+        Example:
+            >>> both = AdapterSet((("a", AdapterSpec(())), ("b", AdapterSpec(()))))
+            >>> both.select({"b": {}}).names, both.select({}).names
+            (('b',), ())
+        """
+        if self.disabled:
+            return self
+        if not isinstance(trainable, Mapping):
+            raise TypeError(
+                f"fourierft_jax: the trainable state must map adapter names to their arrays, got "
+                f"{type(trainable).__name__}; pass `adapter.trainable`"
+            )
+        unknown = [name for name in trainable if name not in self.names]
+        if unknown:
+            hint = (
+                "it looks like one adapter's state: wrap it as {adapter name: state}"
+                if set(trainable) <= {SPECTRA, BIAS, MODULES_TO_SAVE}
+                else "build the forward again (`adapter.make_apply(...)`) after adding or switching adapters"
+            )
+            raise ValueError(
+                f"fourierft_jax: the trainable state holds adapter(s) {unknown}, but this forward was built for "
+                f"{list(self.names)}; {hint}"
+            )
+        return AdapterSet(tuple((name, spec) for name, spec in self.adapters if name in trainable))
+
 
 def _saved_paths(params: Mapping[str, Any], modules_to_save: Optional[list[str]]) -> tuple[Path, ...]:
     # PEFT wraps every module whose full name ends with an entry; the outermost match carries its children.

@@ -3,7 +3,11 @@
 An adapter checkpoint is a folder with ``fourierft_adapter.json`` (config, layer paths and shapes, every
 tensor's group/name/shape/dtype; see ``bridge._src.orbax_format``) and ``state/`` (the tensors, saved by Orbax
 under flat ids, so module names with dots never clash with Orbax's own key joining). It is written into a
-temporary sibling and renamed into place: a save killed part-way leaves the previous checkpoint untouched.
+temporary sibling and swapped into place in one step (``bridge._src.atomic.replace_directory``): at every
+instant a save can be killed, the destination holds the complete previous checkpoint or the complete new one
+(where the one-step swap is unavailable, a kill between the fallback's two renames is undone by
+``recover_directory``, which ``save_adapter`` and ``load_adapter`` call first). A killed save may leave a hidden
+``.<name>.tmp-*`` folder beside it, which the next save removes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import bridge
-from bridge._src.atomic import replace_directory, temporary_path, temporary_sibling
+from bridge._src.atomic import recover_directory, replace_directory, temporary_path, temporary_sibling
 from bridge._src.folders import CheckpointError
 from bridge._src.orbax_format import FORMAT_TAG, FORMAT_VERSION, METADATA_NAME, STATE_DIR, read_metadata
 
@@ -29,6 +33,7 @@ from .saved_common import flat_leaves
 from .tree import dotted
 
 PathLike = Union[str, "os.PathLike[str]"]
+_DELETED = ".deleted-steps"  # where TrainingCheckpoints' dropped steps wait for deletion (not a step name)
 _GROUPS = (SPECTRA, BIAS, MODULES_TO_SAVE, "originals")
 
 
@@ -74,6 +79,9 @@ def save_adapter(
     """
     saved = as_saved(source, adapter_name=adapter_name, params=params, config=config)
     target = os.path.abspath(os.fspath(directory))
+    if jax.process_index() == 0:  # one process recovers, the others must not see it half-way
+        recover_directory(target, writing=True)
+    _sync("fourierft_jax.save_adapter: recovered")
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(f"{target} already exists: pass overwrite=True to replace it")
     if os.path.exists(target) and not os.path.isdir(target):
@@ -155,6 +163,7 @@ def load_adapter(directory: PathLike, *, sharding: Optional[jax.sharding.Shardin
         ['q']
     """
     folder = os.path.abspath(os.fspath(directory))
+    recover_directory(folder)  # a save killed inside the fallback's two renames left the old copy aside
     metadata = read_metadata(folder)
     config = metadata["config"]
     restored = _restore_tensors(folder, metadata["tensors"], sharding)
@@ -242,7 +251,12 @@ class TrainingCheckpoints:
     step counters, data-loader position) saved per step, keeping the last ``max_to_keep`` or the best ones.
 
     Orbax writes each step into a temporary folder and renames it when complete, so a save that is killed
-    part-way leaves the earlier steps restorable. Restoring with ``like`` (the same structure, e.g. the freshly
+    part-way leaves the earlier steps restorable: killed after any one of its file operations (tests/faults),
+    the latest complete step is the previous or the new one, every listed step restores bit for bit, and the
+    next manager removes Orbax's left-over temporary folder. The new step's atomicity is Orbax's own (there is no
+    folder to swap: each step is a new sub-folder); a step dropped by ``max_to_keep`` is first renamed into the
+    hidden ``.deleted-steps/`` (Orbax's ``todelete_subdir``) and deleted from there, so a kill during that
+    deletion never leaves a listed, half-deleted step. Restoring with ``like`` (the same structure, e.g. the freshly
     initialised ``(trainable, opt_state)``) gives arrays bit-identical to what was saved, so a resumed run
     continues with exactly the losses of an uninterrupted one.
 
@@ -282,18 +296,29 @@ class TrainingCheckpoints:
             max_to_keep=max_to_keep, best_fn=best_fn, best_mode=best_mode,
             save_interval_steps=save_interval_steps, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
+            # A step dropped by max_to_keep is renamed out of the listing in one step, then deleted by us: Orbax's
+            # own in-place deletion, killed half-way, leaves a listed step that no longer restores.
+            todelete_subdir=_DELETED,
         )
         self.directory = os.path.abspath(os.fspath(directory))
         self.best_metric = best_metric
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
+        self._purge()
 
     def save(self, step: int, state: Any, *, metrics: Optional[Mapping[str, Any]] = None, force: bool = False) -> bool:
         """Save ``state`` as ``step`` (with ``metrics`` when keeping the best); returns whether it was saved."""
         if self.best_metric is not None and (metrics is None or self.best_metric not in metrics):
             raise ValueError(f"TrainingCheckpoints: keeping the best by {self.best_metric!r}: pass metrics with it")
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        return self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                                  metrics=metrics, force=force)
+        saved = self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                                   metrics=metrics, force=force)
+        self._purge()
+        return saved
+
+    def _purge(self) -> None:
+        """Delete the steps Orbax set aside (kept out of every listing, so a kill here loses nothing)."""
+        if jax.process_index() == 0:
+            shutil.rmtree(os.path.join(self.directory, _DELETED), ignore_errors=True)
 
     def restore(self, like: Any, step: Optional[int] = None) -> Any:
         """The state saved at ``step`` (default: the latest), with the structure, dtypes and shardings of ``like``.
@@ -327,11 +352,13 @@ class TrainingCheckpoints:
     def wait(self) -> None:
         """Block until background saves are written."""
         self._manager.wait_until_finished()
+        self._purge()
 
     def close(self) -> None:
         """Finish pending saves and release Orbax's resources."""
         self._manager.wait_until_finished()
         self._manager.close()
+        self._purge()
 
     def __enter__(self) -> "TrainingCheckpoints":
         return self

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Callable, Collection, Mapping, Optional, Union
 
 import numpy as np
 
 import bridge
+from bridge._src.atomic import recover_directory
 from bridge._src.config import CONFIG_NAME
-from bridge._src.folders import Adapter, CheckpointError, select_adapter
+import bridge._src.targets
+from bridge._src.folders import Adapter, CheckpointError
 from bridge._src.names import NameMap, map_config_names
-from bridge._src.peft_format import KEY_PREFIX, adapter_keys, modules_to_save_names
+from bridge._src.peft_format import (KEY_PREFIX, SPECTRUM_NAME, AdapterKey, adapter_keys, adapter_shape_problems,
+                                     modules_to_save_names)
+from bridge._src.peft_reader import open_strict
 from bridge._src.peft_format import ORIGINAL as KIND_ORIGINAL
 from bridge._src.peft_format import SPECTRUM as KIND_SPECTRUM
 
@@ -220,6 +225,7 @@ def export_peft(
     saved = as_saved(source, adapter_name=adapter_name, params=params, config=config)
     peft_config, tensors = peft_tensors(saved, name_map, conv1d, stacked)
     target = os.fspath(directory)
+    recover_directory(target)  # a killed fallback write's old copy is back before the existence check
     if os.path.exists(os.path.join(target, CONFIG_NAME)) and not overwrite:
         raise FileExistsError(f"{target} already holds an adapter: pass overwrite=True to replace it")
     if os.path.exists(target) and not os.path.isdir(target):
@@ -248,8 +254,13 @@ def read_peft(
     trace: Optional[Callable[[Any], Any]] = None,
     contracting: Optional[Mapping[str, Any]] = None,
     split: Optional[Mapping[str, int]] = None,
+    finite: bool = True,
 ) -> SavedAdapter:
     """Read a PEFT FourierFT adapter directory as a ``SavedAdapter`` in JAX names and layouts.
+
+    Strict, like PEFT and ``fourierft_torch``: the config, the file and every key are checked first
+    (``bridge._src.peft_reader``); with ``params`` the spectra must be exactly the layers the config targets on
+    that model. NaN/inf values are refused unless ``finite=False`` (a conversion copying them as they are).
 
     ``trace``/``contracting`` (as in ``fourierft_jax.apply``) give the contracted axes of N-D kernels (and make
     bare-array kernels known), so a torch ``(out, in)`` layer maps onto a ``DenseGeneral``/``Einsum`` kernel;
@@ -278,10 +289,12 @@ def read_peft(
         if not isinstance(params, Mapping):
             raise CheckpointError("read_peft: stacked= needs params (the stacked linen parameter tree)")
         return as_stacked(lambda view: read_peft(directory, view, name_map=name_map, adapter_name=adapter_name,
-                                                 conv1d=conv1d, contracting=contracting, split=split), params,
+                                                 conv1d=conv1d, contracting=contracting, split=split,
+                                                 finite=finite), params,
                           stacked)
     name_map = name_map or NameMap()
-    opened = select_adapter(directory, adapter_name)
+    # bridge's strict reader: config, file, every key against the config (and NaN/inf unless `finite=False`)
+    opened, _ = open_strict(directory, adapter_name, finite=finite)
     config, file = opened.config, opened.file
     if params is None and shapes is None:
         raise CheckpointError(
@@ -303,6 +316,8 @@ def read_peft(
         return known[flax_name] if known is not None else tuple(flax_name.split("."))
 
     layers = _layer_specs(opened, kernels if params is not None else None, shapes, path_of)
+    if params is not None and split is None:
+        _check_targets(opened, params, trace, contracting, name_map, flax_names)
     spectra = {layer.name: _read_tensor(file, peft.key) for layer, peft in zip(layers, opened.layers)}
     layers = _join_parts(layers, spectra, kernels)
     biases = {dotted(path_of(m)): _bias_like(params, path_of(m), _read_tensor(file, opened.tensors[m + ".bias"]))
@@ -315,6 +330,42 @@ def read_peft(
         config = map_config_names(config, flax_names, {l.name: l.n_frequency for l in opened.layers}, saved_torch)
     file.close()
     return SavedAdapter(config, spec, {SPECTRA: spectra, BIAS: biases, MODULES_TO_SAVE: modules}, originals)
+
+
+def _check_targets(opened: Adapter, params: Any, trace: Optional[Callable[[Any], Any]],
+                   contracting: Optional[Mapping[str, Any]], name_map: NameMap,
+                   flax_names: Mapping[str, str]) -> None:
+    """The file's spectra are exactly the layers its config targets on the JAX model (``bridge.select_targets``
+    over the model's kernels in torch names), as PEFT and ``fourierft_torch`` require; every difference is
+    named in one ``AdapterFormatError``. Where the model's torch names cannot be told (a name map covering only
+    the adapter's modules, layer stacks), the per-layer checks of ``_layer_specs`` are what applies."""
+    config = opened.config
+    if config.target_modules is None or (isinstance(config.target_modules, str)
+                                         and config.target_modules.lower() == bridge._src.targets.ALL_LINEAR):
+        return  # the default targets need the model type, all-linear the output layer: neither is known here
+    inner, _ = split_collection(params)
+    infos = [info for _, _, info, _ in _modules(inner, None, model_contractions(params, inner, trace, contracting))
+             if info.name]  # the root module has no name, and no torch twin
+    try:
+        torch_of = name_map.to_torch_names([info.name for info in infos], check_rules=False)
+    except bridge.NameMapError:
+        return
+    if any(torch_of.get(flax_names.get(layer.name)) != layer.name for layer in opened.layers):
+        return  # the map's two directions disagree outside the adapter's modules
+    torch_infos = [dataclasses.replace(info, name=torch_of[info.name]) for info in infos]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fan_in_fan_out notes concern building an adapter, not reading one
+            targets = bridge.select_targets(config, torch_infos)
+    except (ValueError, TypeError):
+        return  # e.g. stacked kernels the flat view does not list as layers
+    expected = [AdapterKey(bridge.spectrum_key(t.name), KIND_SPECTRUM, t.name, SPECTRUM_NAME, (t.n_frequency,))
+                for t in targets]
+    found = {layer.key: (layer.n_frequency,) for layer in opened.layers}
+    problems = [f"{opened.file.path}: {problem}" for problem in adapter_shape_problems(expected, found)]
+    if problems:
+        raise bridge.AdapterFormatError(f"adapter {opened.directory} does not fit the JAX model: "
+                                        + "; ".join(problems))
 
 
 def _classify_tensors(opened: Adapter) -> tuple[list[str], dict[str, str], list[str]]:
@@ -559,7 +610,7 @@ def with_base_originals(
     stacks = stack_table(saved)
 
     def base_bias(path: Path, owner: Path) -> np.ndarray:
-        torch_name = name_map.to_torch_names([dotted(owner)])[dotted(owner)] + ".bias"
+        torch_name = name_map.to_torch_names([dotted(owner)], check_rules=False)[dotted(owner)] + ".bias"
         array = lookup(torch_name)
         if array is None:
             raise bridge.AdapterFormatError(

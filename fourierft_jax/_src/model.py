@@ -2,7 +2,11 @@
 
 The object holds configs, static specs and the trainable arrays of every adapter, plus which are active; the
 frozen parameters stay with the caller and are never modified. Pure functions for jitted code take
-``adapter.trainable`` and ``adapter.static`` (or the closure returned by ``make_apply``).
+``adapter.trainable`` and ``adapter.static`` (or the closure returned by ``make_apply``). The trainable state a
+forward is given selects its adapters at each call, so ``set_adapter``/``disable_adapter`` take effect at once
+for a forward built earlier (jitted or not) as long as it gets ``adapter.trainable`` of the moment.
+
+Every method that raises leaves the object as it was: it validates everything before changing anything.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class FourierFTAdapter:
             raise ValueError(f"fourierft_jax: adapter names must be non-empty strings, got {adapter_name!r}")
         if adapter_name in self.specs:
             raise ValueError(f"fourierft_jax: an adapter named {adapter_name!r} already exists")
+        if not isinstance(config, bridge.FourierFTConfig):
+            raise TypeError(f"fourierft_jax: expected a FourierFTConfig, got {type(config).__name__}")
         biased = [name for name, cfg in self.configs.items() if cfg.bias != "none"]
         if biased and config.bias != "none":
             raise ValueError(
@@ -122,8 +128,11 @@ class FourierFTAdapter:
         self.active_adapters = names
 
     @property
-    def active_adapter(self) -> Union[str, list[str]]:
-        """The active adapter's name, or the list of names when several are active (PEFT's convention)."""
+    def active_adapter(self) -> Union[str, list[str], None]:
+        """The active adapter's name, or the list of names when several are active (PEFT's convention); ``None``
+        once the last adapter is deleted."""
+        if not self.active_adapters:
+            return None
         return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -145,10 +154,13 @@ class FourierFTAdapter:
         self.active_adapters = remaining or list(self.specs)[:1]
 
     def disable_adapters(self) -> None:
-        """Run the base model: forwards and merges ignore every adapter until ``enable_adapters``.
+        """Run the base model: forwards ignore every adapter until ``enable_adapters``.
 
-        Disabled means exactly the base parameters: trained biases and ``modules_to_save`` are left out too.
-        Functions from ``make_apply`` see the state at the time they were made.
+        Disabled means exactly the base parameters in a forward: trained biases and ``modules_to_save`` are left
+        out too. ``trainable`` is ``{}`` meanwhile, so a forward from ``make_apply`` (built before or after, jitted
+        or not) given ``adapter.trainable`` runs the base model. Merges do not look at this flag:
+        ``merge_and_unload`` still merges the active (or named) adapters, as PEFT's ``merge_and_unload`` does
+        while its adapter layers are disabled.
 
         Example:
             >>> import numpy as np, fourierft_jax
@@ -175,17 +187,22 @@ class FourierFTAdapter:
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Context manager: adapters disabled inside (for functions built inside it; ``static`` is a snapshot).
+        """Context manager: adapters disabled inside (``disable_adapters``), restored on exit, also by an exception.
+
+        A forward built at any time runs the base model inside when given ``adapter.trainable`` (``{}`` there);
+        given a non-empty state inside, an ``adapter.make_apply`` forward raises rather than run the adapters.
 
         Example:
-            >>> import numpy as np, fourierft_jax
+            >>> import jax, numpy as np, fourierft_jax
             >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
-            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"], init_weights=True)
-            >>> adapter = fourierft_jax.apply(params, cfg)
+            >>> cfg = fourierft_jax.FourierFTConfig(n_frequency=2, target_modules=["q"])
+            >>> adapter = fourierft_jax.apply(params, cfg, key=jax.random.key(0))
+            >>> forward = adapter.make_apply(lambda variables, x: x @ variables["q"]["kernel"])
+            >>> x = np.arange(4, dtype=np.float32)[None]
             >>> with adapter.disable_adapter():
-            ...     base_apply = adapter.make_apply(lambda variables, x: x)
-            >>> adapter.static.disabled
-            False
+            ...     base = forward(adapter.trainable, params, x)
+            >>> base.tolist(), bool((forward(adapter.trainable, params, x) != base).any())
+            ([[6.0, 6.0, 6.0]], True)
         """
         previous, self.disabled = self.disabled, True
         try:
@@ -197,6 +214,9 @@ class FourierFTAdapter:
     @property
     def static(self) -> AdapterSet:
         """The hashable description of the active adapters (a snapshot: later changes make a new one).
+
+        A forward built from it (``fourierft_jax.make_apply(fn, adapter.static)``) knows only these adapters:
+        given a state for another (after ``set_adapter``) it raises; given ``{}`` (disabled) it runs the base.
 
         Example:
             >>> import numpy as np, fourierft_jax
@@ -212,6 +232,8 @@ class FourierFTAdapter:
     def trainable(self) -> dict[str, dict[str, Any]]:
         """The active adapters' trainable arrays, ``{adapter: {"spectra", "bias", "modules_to_save"}}``.
 
+        ``{}`` while adapters are disabled: forwards select their adapters from this argument (``make_apply``).
+
         Example:
             >>> import numpy as np, fourierft_jax
             >>> params = {"q": {"kernel": np.ones((4, 3), np.float32)}}
@@ -220,6 +242,11 @@ class FourierFTAdapter:
             >>> sorted(adapter.trainable["default"])
             ['bias', 'modules_to_save', 'spectra']
         """
+        if self.disabled:
+            return {}
+        return self._active_state()
+
+    def _active_state(self) -> dict[str, dict[str, Any]]:
         return {name: self.state[name] for name in self.active_adapters}
 
     def set_trainable(self, trainable: Mapping[str, Any]) -> None:
@@ -235,11 +262,12 @@ class FourierFTAdapter:
             >>> adapter.state["default"]["spectra"]["q"].tolist()
             [1.0, 1.0]
         """
-        for name, value in trainable.items():
+        for name, value in trainable.items():  # all checked before any is stored
             self._require(name)
             old, new = jax.tree.structure(self.state[name]), jax.tree.structure(value)
             if old != new:
                 raise ValueError(f"fourierft_jax: trained state of adapter {name!r} has structure {new}, not {old}")
+        for name, value in trainable.items():
             self.state[name] = value
 
     def make_apply(
@@ -250,11 +278,19 @@ class FourierFTAdapter:
         method: str = DEFAULT_DELTA_METHOD,
         shardings: Any = None,
     ) -> Callable[..., Any]:
-        """``f(trainable, variables, *args, **kwargs)`` running ``apply_fn`` with the active adapters.
+        """``f(trainable, variables, *args, **kwargs)`` running ``apply_fn`` with the adapters ``trainable`` holds.
 
         See ``fourierft_jax.make_apply``: ``mode="auto"`` (default: fused or spectral per layer and batch size),
         ``"fused"``, ``"spectral"`` or ``"merge"``; ``shardings`` (the parameters' ``NamedSharding`` tree) for a
         device mesh.
+
+        The function knows every adapter that exists now and runs those ``trainable`` holds, so pass
+        ``adapter.trainable`` at each call: after ``set_adapter`` it runs the new selection, inside
+        ``disable_adapter`` the base model -- also under ``jax.jit`` (the state's keys are part of its structure).
+        Errors, checked when it runs or is traced: a state for an adapter added, deleted or replaced since it was
+        built (build it again), and a non-empty state while adapters are disabled (a stale copy of
+        ``trainable``: the adapters would run). A jitted call that hits a trace made earlier skips these checks,
+        so under ``jax.jit`` pass ``adapter.trainable`` itself, not a copy taken before disabling.
 
         Example:
             >>> import numpy as np, fourierft_jax
@@ -265,7 +301,30 @@ class FourierFTAdapter:
             >>> forward(adapter.trainable, params, np.ones((1, 4), np.float32)).tolist()
             [[4.0, 4.0, 4.0]]
         """
-        return make_apply(apply_fn, self.static, mode=mode, method=method, shardings=shardings)
+        order = list(self.active_adapters) + [name for name in self.specs if name not in self.active_adapters]
+        known = AdapterSet(tuple((name, self.specs[name]) for name in order))
+        run = make_apply(apply_fn, known, mode=mode, method=method, shardings=shardings)
+
+        def forward(trainable: Mapping[str, Any], variables: Any, *args: Any, **kwargs: Any) -> Any:
+            self._check_forward_state(trainable, known)
+            return run(trainable, variables, *args, **kwargs)
+
+        return forward
+
+    def _check_forward_state(self, trainable: Any, known: AdapterSet) -> None:
+        if not isinstance(trainable, Mapping):
+            return  # AdapterSet.select names the problem
+        for name, spec in known.adapters:
+            if name in trainable and self.specs.get(name) is not spec:
+                raise ValueError(
+                    f"fourierft_jax: adapter {name!r} was deleted or replaced after this forward was built; build it "
+                    f"again with adapter.make_apply(...)"
+                )
+        if self.disabled and len(trainable):
+            raise ValueError(
+                f"fourierft_jax: adapters are disabled, but the forward got a trainable state for {list(trainable)}; "
+                f"pass `adapter.trainable` (empty while disabled) to run the base model, or enable_adapters() first"
+            )
 
     def num_trainable_params(self) -> int:
         """Number of trainable scalars of the active adapters.
@@ -278,7 +337,7 @@ class FourierFTAdapter:
             >>> adapter.num_trainable_params()
             2
         """
-        return sum(int(leaf.size) for leaf in jax.tree.leaves(self.trainable))
+        return sum(int(leaf.size) for leaf in jax.tree.leaves(self._active_state()))
 
     # -- leaving ----------------------------------------------------------------------------------------------
     def merge_and_unload(
@@ -292,6 +351,7 @@ class FourierFTAdapter:
         """Plain parameters with ``W + ΔW`` of ``adapter_names`` (default: the active ones) for any ``model.apply``.
 
         With ``safe_merge`` a non-finite merged kernel raises (naming the layer) instead of being returned.
+        Disabled adapters are merged all the same, as in PEFT (see ``disable_adapters``).
 
         Example:
             >>> import numpy as np, fourierft_jax
@@ -327,7 +387,7 @@ class FourierFTAdapter:
             >>> adapter.unload(params)["q"]["kernel"] is params["q"]["kernel"]
             True
         """
-        return substitute(params, self.trainable, AdapterSet(self.static.adapters))
+        return substitute(params, self._active_state(), AdapterSet(self.static.adapters))
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def layers(self, adapter_name: Optional[str] = None) -> list[str]:
@@ -341,6 +401,8 @@ class FourierFTAdapter:
             >>> adapter.layers()
             ['q']
         """
+        if adapter_name is None and not self.active_adapters:
+            raise KeyError("fourierft_jax: no adapter is left (all were deleted); pass adapter_name")
         name = adapter_name or self.active_adapters[0]
         self._require(name)
         return [layer.name for layer in self.specs[name].layers]

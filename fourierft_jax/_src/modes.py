@@ -62,6 +62,11 @@ def make_apply(
     in the spectral domain; ``"merge"`` calls ``apply_fn`` on ``W + ΔW`` parameters. All give the same numbers;
     the function is pure, so ``jax.grad`` over ``trainable`` and ``jax.jit`` work directly.
 
+    ``static`` lists the adapters the function knows; ``trainable`` selects, at every call, which of them run
+    (those it holds a state for; ``{}`` runs the base model) -- so pass ``adapter.trainable`` as it is at the
+    time of the call, which follows ``set_adapter`` and ``disable_adapter``. A state for an adapter ``static``
+    does not hold is an error naming it. ``static.disabled`` (a set taken while disabled) always runs the base.
+
     On a device mesh pass ``shardings``: the parameters' ``NamedSharding`` tree (structured like ``variables``
     or their ``params`` collection), i.e. what ``jax.jit(in_shardings=...)`` gets for them. Each Dense ``ΔW`` is
     then built shard-locally with its kernel's sharding and the spectrum gradient is reduced as ``n`` floats
@@ -81,18 +86,22 @@ def make_apply(
     if mode not in MODES:
         raise ValueError(f"fourierft_jax: mode must be one of {MODES}, got {mode!r}")
 
+    # `trainable` selects the adapters at each call (AdapterSet.select): a forward never runs a selection that
+    # was current when it was built but is not the one it is given now.
     if mode == "merge":
 
         def merged_apply(trainable: Mapping[str, Any], variables: Any, *args: Any, **kwargs: Any) -> Any:
-            merged = merge_params(variables, trainable, static, method=method, shardings=shardings)
+            active = static.select(trainable)
+            merged = merge_params(variables, trainable, active, method=method, shardings=shardings)
             return apply_fn(merged, *args, **kwargs)
 
         return merged_apply
 
     def adapted_apply(trainable: Mapping[str, Any], variables: Any, *args: Any, **kwargs: Any) -> Any:
-        variables = substitute(variables, trainable, static)
-        if static.disabled or not any(spec.layers for _, spec in static.adapters):
+        active = static.select(trainable)
+        variables = substitute(variables, trainable, active)
+        if active.disabled or not any(spec.layers for _, spec in active.adapters):
             return apply_fn(variables, *args, **kwargs)
-        return adapted_call(apply_fn, variables, args, kwargs, trainable, static, mode, shardings)
+        return adapted_call(apply_fn, variables, args, kwargs, trainable, active, mode, shardings)
 
     return adapted_apply

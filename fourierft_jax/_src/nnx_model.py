@@ -366,7 +366,7 @@ def _replace_adapted(model: nnx.Module, merge: bool, safe_merge: bool = False) -
     new = []
     for path, module in adapted:
         base = module.base
-        if merge and not module.disabled:
+        if merge:  # disabled layers are merged too, as PEFT's merge_and_unload merges disabled adapter layers
             kernel = base.kernel[...]
             merged = kernel + module.delta_kernel().astype(kernel.dtype)
             if safe_merge and not bool(jnp.isfinite(merged).all()):
@@ -385,6 +385,9 @@ def _replace_adapted(model: nnx.Module, merge: bool, safe_merge: bool = False) -
 def merge_and_unload(model: nnx.Module, *, safe_merge: bool = False) -> nnx.Module:
     """Replace every ``FourierFTLinear``/``FourierFTGeneral`` by its base module with kernel ``W + ΔW`` (in place;
     an N-D kernel gets ``ΔW`` in its own layout).
+
+    Layers turned off by ``set_disabled`` are merged as well, as in PEFT. With ``safe_merge`` every layer is
+    checked for NaN/inf before any is replaced: on that error the model is left as it was.
 
     Example:
         >>> import fourierft_jax
@@ -418,7 +421,9 @@ def unload(model: nnx.Module) -> nnx.Module:
 
 
 def set_disabled(model: nnx.Module, disabled: bool = True) -> None:
-    """Turn every FourierFT layer of ``model`` off (``True``) or back on.
+    """Turn every FourierFT layer of ``model`` off (``True``: the forward runs the base module) or back on.
+
+    ``merge_and_unload`` still merges layers that are off, as PEFT's does.
 
     Example:
         >>> import fourierft_jax

@@ -32,4 +32,4 @@ GEMMA_TO_TRANSFORMERS = NameMap(to_torch=[
     (_LAYER + r"mlp\.gating_einsum\.0$", _TORCH + "mlp.gate_proj"),
     (_LAYER + r"mlp\.gating_einsum\.1$", _TORCH + "mlp.up_proj"),
     (_LAYER + r"mlp\.linear$", _TORCH + "mlp.down_proj"),
-])
+], unused_rules="ignore")  # a Gemma model has either kv_einsum or qkv_einsum: some rules never apply

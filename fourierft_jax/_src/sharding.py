@@ -128,13 +128,40 @@ def _fft_axis(plan: _Plan) -> tuple[HalfScatter, Fold]:
     return (plans.out_scatter, plans.out_fold) if plan.phase_on_rows else (plans.in_scatter, plans.in_fold)
 
 
+# jax has no 64-bit integers unless x64 is on, so _phase reduces p·i mod N in uint32 by Horner steps that keep
+# m·2^c + p·(2^c - 1) below 2^32 for residues m, p < N; past this length not even a 1-bit step fits.
+_MAX_PHASE_LENGTH = (2**32 - 1) // 3 + 1
+
+
+def _chunk_bits(length: int) -> int:
+    """The largest ``c`` with ``(length - 1)·(2^(c+1) - 1) < 2^32``: bits of ``i`` one uint32 Horner step takes."""
+    if not 0 < length <= _MAX_PHASE_LENGTH:
+        raise ValueError(f"fourierft_jax: a layer dimension of {length} is outside 1 … {_MAX_PHASE_LENGTH}, the "
+                         "lengths whose phases are computed exactly in uint32")
+    bits = 1
+    while bits < 32 and (length - 1) * (2 ** (bits + 2) - 1) < 2**32:
+        bits += 1
+    return bits
+
+
 def _phase(positions: np.ndarray, length: int, start: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of ``2π·(p_k·i mod length)/length`` for ``i = start … start+count-1``: ``(count, n)`` each."""
-    # a·i mod N in uint32 without overflow for N < 2^20: split i = 256·hi + lo.
+    """cos and sin of ``2π·(p_k·i mod length)/length`` for ``i = start … start+count-1``: ``(count, n)`` each.
+
+    The residue ``p_k·i mod length`` is exact for every length up to ``_MAX_PHASE_LENGTH``; only the float32
+    angle made from it rounds, so the last row of a long axis is as accurate as the first.
+    """
+    chunk = _chunk_bits(length)
     p = jnp.asarray(np.asarray(positions, np.uint32))[None, :]
     i = (start.astype(jnp.uint32) + jnp.arange(count, dtype=jnp.uint32))[:, None]
     n = jnp.uint32(length)
-    m = ((p * (i >> 8)) % n * jnp.uint32(256) + p * (i & jnp.uint32(255))) % n
+    # Horner over the bits of i, top chunk first: m <- (m·2^c + p·digit) mod N. Axes below 2^16 take one step
+    # (p·i mod N), 2^20 + 8 two, the longest 31.
+    top = max(1, (length - 1).bit_length())
+    shifts = range(((top - 1) // chunk) * chunk, -1, -chunk)
+    m = None
+    for shift in shifts:
+        digit = (i >> jnp.uint32(shift)) & jnp.uint32(2**chunk - 1) if len(shifts) > 1 else i
+        m = p * digit % n if m is None else (m * jnp.uint32(2**chunk) + p * digit) % n
     angle = m.astype(jnp.float32) * np.float32(2 * np.pi / length)
     return jnp.cos(angle), jnp.sin(angle)
 
@@ -235,6 +262,10 @@ def _delta_fn(layer: LayerSpec, sharding: Sharding) -> Callable[[jax.Array], jax
         )
     mesh = sharding.mesh
     plan = _Plan(layer, mesh, _dim_axes(sharding.spec, ndim, layer))
+    for what, length in (("in_features", layer.in_features), ("out_features", layer.out_features)):
+        if length > _MAX_PHASE_LENGTH:
+            raise ValueError(f"fourierft_jax: layer {layer.name!r} has {what}={length}; a sharded ΔW supports "
+                             f"dimensions up to {_MAX_PHASE_LENGTH} (exact uint32 phases)")
     if not _divides(layer, mesh, plan.axes):
         # Uneven blocks cannot go through shard_map; let XLA place the plain build (correct, may communicate).
         return jax.jit(lambda spectrum: jax.lax.with_sharding_constraint(delta_kernel_f32(spectrum, layer),

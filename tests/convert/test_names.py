@@ -1,8 +1,10 @@
 """Name maps: the default (dotted Flax path = torch name) on a transformers-named Flax BERT, regex rules for a
-differently named tree, and rule sets that are not one-to-one or leave a layer out (errors naming the layers)."""
+differently named tree, rule sets that are not one-to-one or leave a layer out (errors naming the layers), and
+rules that match no layer (a warning, or an error with unused_rules="error", naming the rule)."""
 
 import json
 import os
+import re
 import sys
 
 import jax
@@ -127,3 +129,53 @@ def test_name_map_unit_rules():
         NameMap(to_torch=[("a",)])
     with pytest.raises(NameMapError, match="the rule raised KeyError"):
         NameMap(to_torch=lambda name: {}[name]).to_torch_names(["q"])
+
+
+def test_a_rule_that_matches_no_layer_is_reported_by_name(tmp_path):
+    """A typo in a rule leaves the names unchanged and PEFT later finds no such module: the map names the rule."""
+    import warnings
+
+    params = init(OddNet())
+    config = fourierft_jax.FourierFTConfig(n_frequency=8, target_modules=["q", "v"])
+    adapter = fourierft_jax.apply(params, config, key=jax.random.key(0))
+    typo = [(r"^layers_(\d+)\.attn\.(q|v)$", r"layers.\1.self_attn.\2_proj"), (r"^layer_(\d+)\.mlp$", r"mlp.\1")]
+    named = re.escape(f"to_torch rule 1 ({typo[1][0]!r} -> {typo[1][1]!r})")
+    with pytest.warns(UserWarning, match=named):
+        fourierft_jax.export_peft(adapter, tmp_path / "warned", name_map=NameMap(to_torch=typo))
+    assert os.path.isdir(tmp_path / "warned")  # a warning only: the names themselves are one-to-one
+    with pytest.raises(NameMapError, match=r"matched none of the 4 name\(s\) \['layers_0\.attn\.q'.*" + named):
+        fourierft_jax.export_peft(adapter, tmp_path / "strict", name_map=NameMap(to_torch=typo, unused_rules="error"))
+    assert not os.path.exists(tmp_path / "strict")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fourierft_jax.export_peft(adapter, tmp_path / "quiet", name_map=NameMap(to_torch=typo, unused_rules="ignore"))
+        fourierft_jax.export_peft(adapter, tmp_path / "exact", name_map=NameMap(to_torch=typo[:1]))  # all used
+
+    # Importing: to_flax rules are checked on the file's torch names, to_torch-only rules on the model's names.
+    folder = tmp_path / "exact"
+    back = [(r"^layers\.(\d+)\.self_attn\.(q|v)_proj$", r"layers_\1.attn.\2"), (r"^model\.", "")]
+    with pytest.raises(NameMapError, match=re.escape(f"to_flax rule 1 ({back[1][0]!r} -> '')")):
+        fourierft_jax.import_peft(folder, params, name_map=NameMap(typo[:1], back, unused_rules="error"))
+    with pytest.raises(NameMapError, match=named):
+        fourierft_jax.import_peft(folder, params, name_map=NameMap(to_torch=typo, unused_rules="error"))
+    imported = fourierft_jax.import_peft(folder, params, name_map=NameMap(typo[:1], back[:1], unused_rules="error"))
+    assert imported.layers() == adapter.layers()
+
+
+def test_unused_rule_check_units():
+    strict = NameMap(to_torch=[(r"^a$", "A"), (r"^b$", "B")], unused_rules="error")
+    assert strict.to_torch_names(["a", "b"]) == {"a": "A", "b": "B"}
+    with pytest.raises(NameMapError, match=r"to_torch rule 1 \('\^b\$' -> 'B'\)"):
+        strict.to_torch_names(["a"])
+    # A lookup of one name from a set already checked.
+    assert strict.to_torch_names(["a"], check_rules=False) == {"a": "A"}
+    # A rule counts as used when it rewrites the output of an earlier one.
+    chained = NameMap(to_torch=[(r"^x_", "y_"), (r"^y_(\d)$", r"z.\1")], unused_rules="error")
+    assert chained.to_torch_names(["x_1"]) == {"x_1": "z.1"}
+    # Callables cannot be inspected, so they are not checked.
+    assert NameMap(to_torch=str.upper, unused_rules="error").to_torch_names(["q"]) == {"q": "Q"}
+    # Through JSON (what `fourierft convert --name-map` reads) the default is a warning.
+    with pytest.warns(UserWarning, match=r"to_torch rule 0 \('\^nothing\$' -> 'x'\)"):
+        assert NameMap.parse('[["^nothing$", "x"]]').to_torch_names(["q"]) == {"q": "q"}
+    with pytest.raises(NameMapError, match=r"unused_rules must be one of \('error', 'warn', 'ignore'\), got 'no'"):
+        NameMap(unused_rules="no")

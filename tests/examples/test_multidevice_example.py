@@ -79,7 +79,19 @@ def test_two_processes_train_and_save_like_one(tmp_path):
     np.testing.assert_allclose(final(outputs[0][0]), final(single.stdout), rtol=1e-4)
     one, two = fourierft_jax.load_adapter(tmp_path / "one"), fourierft_jax.load_adapter(tmp_path / "two")
     assert one.spec == two.spec
+    layers = {layer.name: layer for layer in one.spec.layers}
     for name, spectrum in one.state["spectra"].items():
-        # Adam turns gradients near 0 into ±lr steps, so a coefficient or two may differ by summation order.
-        diff = np.abs(np.asarray(two.state["spectra"][name]) - np.asarray(spectrum))
-        assert np.mean(diff <= 1e-5 * np.abs(spectrum).max() + 1e-6) >= 0.95, (name, diff.max())
+        spectrum, other = np.asarray(spectrum), np.asarray(two.state["spectra"][name])
+        rows, cols = layers[name].kernel_indices  # positions over the (in, out) kernel
+        # Null coefficients: zero frequency along the 64-wide hidden axis a LayerNorm normalises (the output of
+        # every `down`, the input of an `up` after the first block). Their ΔW is constant along that axis, the
+        # LayerNorm removes it, so their gradient is 0 up to rounding; Adam turns that rounding (which depends on
+        # the order the 8 devices' partial sums are added in, different through Gloo) into full ±lr steps.
+        if name.endswith(".down"):
+            null = cols == 0
+        else:
+            null = rows == 0 if name != "block_0.up" else np.zeros(rows.shape, bool)  # block 0's input: no LayerNorm
+        assert null.sum() <= 3, (name, int(null.sum()))
+        # Every other coefficient agrees to float32 summation order: measured at most 1.7e-6 of the largest.
+        diff = np.abs(other - spectrum)[~null]
+        assert diff.max() <= 1e-5 * np.abs(spectrum).max(), (name, diff.max(), np.abs(spectrum).max())

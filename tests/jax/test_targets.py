@@ -175,5 +175,5 @@ def test_params_tree_that_does_not_match_the_adapter():
     missing = {"params": {"encoder": {"fc1": params["params"]["encoder"]["fc1"]}, "head": params["params"]["head"]}}
     with pytest.raises(KeyError, match="encoder.fc2"):
         adapter.merge_and_unload(missing)
-    with pytest.raises(KeyError, match="default"):
+    with pytest.raises(ValueError, match=r"holds adapter\(s\) \['other'\].*built for \['default'\]"):
         adapter.make_apply(MLP().apply)({"other": adapter.trainable["default"]}, params, x)

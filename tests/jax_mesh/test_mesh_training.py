@@ -58,8 +58,8 @@ def assert_same_step(got, want):
         assert_close(grad, want_grads["default"]["spectra"][name], f"gradient of {name}")
 
 
-@pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("mesh_name", MESHES)
+# dp replicates every kernel, so its ΔW takes the same replicated path on every mesh: one mesh is enough.
+@pytest.mark.parametrize("mesh_name,spec", [(m, s) for m in MESHES for s in SPECS if s != "dp" or m == "8"])
 def test_sharded_step_equals_single_device(mesh_name, spec):
     step, args = sharded_step(mesh_name, spec, "both")
     got, want = step(*args), single_device("both")

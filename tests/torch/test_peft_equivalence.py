@@ -28,14 +28,20 @@ CASES = [
     ("mlp", dict(n_frequency=7, target_modules=["lin0", "lin1"], bias="all")),
     # Tiny transformers (32 wide): scaling chosen so that ΔW's entries are about as large as in real use
     # (std ≈ 0.005 at 768 wide, n=1000, scaling=150), not ~1 -- the default 150 on a 32x32 layer would swamp W
-    # and make the network ill-conditioned.
-    ("bert", dict(n_frequency=50, target_modules=None, scaling=1.0)),
-    ("bert", dict(n_frequency=50, target_modules=["query", "key", "value", "dense"], bias="fourier_only", scaling=1.0)),
-    ("gpt2", dict(n_frequency=50, target_modules=["c_attn", "c_proj", "c_fc"], scaling=1.0)),
-    ("gpt2", dict(n_frequency=50, target_modules=None, scaling=1.0)),
-    ("llama", dict(n_frequency=60, target_modules="all-linear", scaling=1.0)),
-    ("llama", dict(n_frequency=60, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], scaling=1.0)),
+    # and make the network ill-conditioned. Never 1.0 (the MLP cases use the default 150): a path that drops the
+    # factor must fail here, in every forward mode, in the gradients and in the merges.
+    ("bert", dict(n_frequency=50, target_modules=None, scaling=0.5)),
+    ("bert", dict(n_frequency=50, target_modules=["query", "key", "value", "dense"], bias="fourier_only", scaling=2.0)),
+    ("gpt2", dict(n_frequency=50, target_modules=["c_attn", "c_proj", "c_fc"], scaling=1.5)),
+    ("gpt2", dict(n_frequency=50, target_modules=None, scaling=0.7)),
+    ("llama", dict(n_frequency=60, target_modules="all-linear", scaling=2.5)),
+    ("llama", dict(n_frequency=60, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], scaling=0.4)),
 ]
+
+
+def test_every_case_has_a_non_unit_scaling():
+    # scaling=1.0 would let a path that forgets the factor agree with PEFT.
+    assert all(peft.FourierFTConfig(**kwargs).scaling != 1.0 for _, kwargs in CASES), CASES
 
 
 def _pair(kind, kwargs, seed=1):
