@@ -15,7 +15,6 @@ import json
 import os
 from typing import Optional, Union
 
-from .atomic import recover_directory
 from .config import CONFIG_NAME, FourierFTConfig
 from .peft_format import DEFAULT_ADAPTER, KEY_PREFIX, SPECTRUM_NAME, WEIGHTS_NAME, AdapterFormatError, list_adapters
 from .tensor_io import SafetensorsError, SafetensorsFile
@@ -103,7 +102,6 @@ def open_adapters(path: PathLike, strict: bool = True) -> list[Adapter]:
         [('default', [('l.q', 4)])]
     """
     directory = os.fspath(path)
-    recover_directory(directory, children=True)  # a write killed between its two fallback renames is undone first
     if not os.path.exists(directory):
         raise CheckpointError(f"{directory}: no such file or directory")
     if not os.path.isdir(directory):

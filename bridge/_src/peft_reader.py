@@ -29,11 +29,13 @@ import numpy as np
 from .config import CONFIG_NAME, FourierFTConfig
 from .folders import Adapter, BaseCheckpoint, CheckpointError, Resolution, is_conv1d, open_adapter, resolve, select_adapter
 from .peft_format import (
+    DEFAULT_ADAPTER,
     KEY_PREFIX,
     SPECTRUM_NAME,
     WEIGHTS_NAME,
     AdapterFormatError,
     AdapterKey,
+    adapter_directory,
     adapter_keys,
     adapter_shape_problems,
     modules_to_save_names,
@@ -286,7 +288,7 @@ def open_strict(
         bridge._src.peft_format.AdapterFormatError: ... key 'base_model.model.k.fourierft_spectrum' is for layer 'k', which adapter_config.json does not target (target_modules=['q'])
     """
     recover(path)
-    refuse_pickle(_adapter_folder(path, adapter_name))
+    refuse_pickle(adapter_directory(path, adapter_name or DEFAULT_ADAPTER))
     adapter = select_adapter(path, adapter_name, strict=False)
     problems = file_problems(adapter)
     resolution = None
@@ -299,13 +301,6 @@ def open_strict(
             problems.append(f"{adapter.file.path}: NaN or inf values in {', '.join(repr(k) for k in bad)}")
     raise_problems(problems)
     return adapter, resolution
-
-
-def _adapter_folder(path: PathLike, adapter_name: Optional[str]) -> str:
-    directory = os.fspath(path)
-    if adapter_name and adapter_name != "default":
-        return os.path.join(directory, adapter_name)
-    return directory
 
 
 def check_folder(path: PathLike, adapter_name: str = "default") -> tuple[FourierFTConfig, str]:
@@ -322,7 +317,7 @@ def check_folder(path: PathLike, adapter_name: str = "default") -> tuple[Fourier
         2
     """
     recover(path)
-    folder = _adapter_folder(path, adapter_name)
+    folder = adapter_directory(path, adapter_name or DEFAULT_ADAPTER)
     refuse_pickle(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such adapter folder")
