@@ -302,6 +302,7 @@ class TrainingCheckpoints:
         )
         self.directory = os.path.abspath(os.fspath(directory))
         self.best_metric = best_metric
+        self._async = async_save
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
         self._purge()
 
@@ -312,7 +313,8 @@ class TrainingCheckpoints:
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         saved = self._manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                                    metrics=metrics, force=force)
-        self._purge()
+        if not self._async:  # an async save drops old steps in Orbax's background thread: purged by wait/close
+            self._purge()
         return saved
 
     def _purge(self) -> None:

@@ -169,3 +169,18 @@ def test_killed_adapter_save_leaves_previous_checkpoint(tmp_path):
     # Killed while writing a first checkpoint: nothing appears under the name.
     _run_and_kill(_CHILD_ADAPTER, tmp_path / "fresh", 3)
     assert not os.path.exists(tmp_path / "fresh")
+
+
+def test_async_saves_keep_the_last_steps_and_leave_no_set_aside_folder(tmp_path):
+    # Dropped steps go through a hidden folder (Orbax's todelete_subdir); with async saves Orbax fills it from its
+    # background thread, so it is emptied only once the saves are finished.
+    values = {step: np.random.default_rng(step).standard_normal(5).astype(np.float32) for step in range(1, 5)}
+    with fourierft_jax.TrainingCheckpoints(tmp_path / "run", max_to_keep=2, async_save=True) as checkpoints:
+        for step, value in values.items():
+            checkpoints.save(step, {"w": jnp.asarray(value)})
+        checkpoints.wait()
+        assert checkpoints.all_steps() == [3, 4]
+        for step in (3, 4):
+            restored = checkpoints.restore({"w": jnp.zeros(5)}, step)["w"]
+            assert np.asarray(restored).tobytes() == values[step].tobytes()
+        assert not [name for name in os.listdir(tmp_path / "run") if name.startswith(".")]
