@@ -1,31 +1,69 @@
-"""fourierft_jax training-step benchmark on a BERT-base-shaped Flax encoder (random weights, CPU).
+"""fourierft_jax training step against the frozen model, by tokens per step (BERT-base-shaped Flax encoder).
 
-Variants, each in its own subprocess (so peak RSS is per variant):
-  floor     every kernel frozen, only LayerNorm trainable (gradients still flow through every layer)
-  merge     FourierFT, model.apply on W + ΔW (ΔW via irfft2; autodiff forms xᵀdy per layer)
-  spectral  FourierFT, adapter output in the spectral domain at each targeted Dense (no ΔW)
-  fused     FourierFT, x @ (W + ΔW) with the FFT-based spectrum gradient (no xᵀdy)
-  auto      FourierFT, the default: fused or spectral per layer by fourierft_jax's choose_path
-  lora      LoRA r=8 (a minimal JAX LoRA added at each targeted Dense call)
-for targets {query,value} and {query,key,value,dense}; AdamW, batch 8x128, n_frequency 1000.
-Prints min and median jitted step times, their ratios to the floor measured in the same run, and peak RSS;
-then a per-layer breakdown (forward + backward of one adapted Dense, and its parts) at the benchmark's shapes.
+A post-LN BERT encoder with random weights (hidden 768, 12 heads, intermediate 3072; ``--layers`` blocks),
+batch x 128 tokens, softmax cross-entropy on a 2-way classifier, AdamW, n_frequency 1000 (scaling 150).
+Targets: "all" = query, key, value and every dense (6 linear layers per block), "qv" = query and value.
 
-    flock /tmp/bench.lock python benchmarks/jax_step.py --steps 5
+Variants (``--variants``; each in its own worker process, see ``benchmarks/_common.py``):
+  floor     every kernel frozen, only the LayerNorms trainable: the backward runs through every layer down to
+            the embeddings' LayerNorm (dx of every linear layer, no kernel gradient). The floor of the earlier
+            versions of this script, kept as is.
+  auto      FourierFT, the default ``make_apply`` mode (fused or spectral per layer by token count)
+  merge     FourierFT, ``mode="merge"`` (W + ΔW; autodiff forms xᵀdy per layer)
+  spectral  FourierFT, ``mode="spectral"``
+  fused     FourierFT, ``mode="fused"``
+  lora      LoRA r=8 (alpha 16) on the same layers: a hand-written ``x A B`` added at each targeted Dense call
+and the limit: per adapted layer one ΔW build (the n coefficients scattered into a half spectrum, one ``irfft2``),
+``rfft(x)`` and ``rfft(dy)`` along the features and the ``n x tokens`` gather-multiply-sum of the spectrum
+gradient, each layer shape jitted and timed alone in its own worker; the table shows ``(floor + Σ layers' work) /
+floor``. That is what a ΔW-building FourierFT step must add to a frozen step; it leaves out what the floor already
+does (x @ W, dx), and the input spectra are not shared between query/key/value. It is no bound where the default
+mode goes spectral instead (no ΔW: few tokens per step, e.g. under ~300 at 768x3072). The limit kernels are plain
+jitted jnp ops (token-major gather), not tuned; the per-layer table printed last shows their parts.
+
+Timing. All variants of one model are started together (imports and compilation for every token count only); then,
+for each token count in turn, ``--rounds`` rounds run every worker once, in an order rotated by one per round. A
+run is ``--steps`` timed steps (``jax.block_until_ready``), preceded by one untimed step on a worker's first run,
+on a new token count and after its heap was trimmed (see ``benchmarks/_common.py``), and by ``--warmup`` more if
+asked. Ratios to the floor use the min and the median over all timed steps of all rounds.
+
+Peak memory, per variant in its own process: on CPU the resident-memory high-water mark of that worker's timed
+steps (reset through /proc/self/clear_refs before each run, so neither compilation nor other variants count),
+median over rounds; on an accelerator the device's ``peak_bytes_in_use`` of that worker (workers run with
+``XLA_PYTHON_CLIENT_PREALLOCATE=false``). Also printed: XLA's own ``memory_analysis`` of each compiled step
+(arguments + outputs + temporaries - aliased), which no load can disturb.
+
+Runs unchanged on GPU/TPU (the device is printed). The whole issue-15 table (1,024 and 8,192 tokens, all and
+qv, floor / auto / LoRA / limit), on a quiet 2-core CPU, about 6-8 minutes:
+
+    flock /tmp/bench.lock .venv/bin/python benchmarks/jax_step.py
+    flock /tmp/bench.lock .venv/bin/python benchmarks/jax_step.py --layers 1 --tokens 128 --rounds 2  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import RssSampler as _RssSampler  # noqa: E402,F401  (imported from here by jax_general, jax_mesh)
+from _common import (  # noqa: E402
+    half_bins, half_spectrum_scatter, header, layer_shapes, load, markdown, peak_rss_gb, report, reset_peak_rss,
+    run_models, serve,
+)
+
 TARGETS = {"qv": ["query", "value"], "all": ["query", "key", "value", "dense"]}
+MODELS = {"bert": (768, 12, 3072), "minilm": (384, 12, 1536)}  # hidden, heads, intermediate
+LABELS = {"floor": "floor", "auto": "FourierFT (auto)", "merge": "FourierFT merge", "spectral": "FourierFT spectral",
+          "fused": "FourierFT fused", "lora": "LoRA r=8"}
+FOURIERFT_MODES = ("auto", "merge", "spectral", "fused")
+SCALING = 150.0
 
 
 def build_model(layers: int, hidden: int, heads: int, inter: int):
@@ -106,266 +144,227 @@ def lora_apply(apply_fn, paths, scale):
     return forward
 
 
-def run_variant(variant: str, targets: str, steps: int, args) -> dict:
-    sys.path.insert(0, ROOT)
+def _device(jax) -> str:
+    d = jax.devices()[0]
+    cpu = f", {os.cpu_count()} CPU cores" if d.platform == "cpu" else ""
+    return f"{d.platform}: {d.device_kind} x{jax.device_count()}{cpu}, jax {jax.__version__}"
+
+
+def _device_peak_gb(jax):
+    stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
+    return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
+
+
+def setup_variant(spec: dict):
+    """A worker's model and compiled step; ``run`` does warm-up and timed steps and reports times and memory."""
     import jax
     import jax.numpy as jnp
     import optax
 
     import fourierft_jax
 
-    import fourierft_jax._src
-
-    model = build_model(args.layers, args.hidden, args.heads, args.intermediate)
-    ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, 30522)
-    labels = jax.random.randint(jax.random.key(2), (args.batch,), 0, 2)
-    params = jax.jit(model.init)(jax.random.key(0), ids)
+    variant, targets = spec["variant"], spec.get("targets")
+    model = build_model(spec["layers"], spec["hidden"], spec["heads"], spec["intermediate"])
+    inputs = {t: (jax.random.randint(jax.random.key(1), (t // spec["seq"], spec["seq"]), 0, 30522),
+                  jax.random.randint(jax.random.key(2), (t // spec["seq"],), 0, 2)) for t in spec["tokens"]}
+    params = jax.jit(model.init)(jax.random.key(0), inputs[spec["tokens"][0]][0])
     tx = optax.adamw(1e-3)
-
-    def loss_of(logits):
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    adapted = 0
 
     if variant == "floor":
-        ln = {k: v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
         is_ln = lambda path: any("LayerNorm" in str(getattr(p, "key", "")) for p in path)  # noqa: E731
-        trainable = {jax.tree_util.keystr(p): v for p, v in ln.items() if is_ln(p)}
+        trainable = {jax.tree_util.keystr(p): v for p, v in flat if is_ln(p)}
 
         def forward(trainable, variables, ids):
             flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
             leaves = [trainable.get(jax.tree_util.keystr(p), v) for p, v in flat]
             return model.apply(jax.tree_util.tree_unflatten(treedef, leaves), ids)
 
-    elif variant in ("merge", "spectral", "fused", "auto"):
-        config = fourierft_jax.FourierFTConfig(n_frequency=args.n_frequency, scaling=150.0,
+    elif variant in FOURIERFT_MODES:
+        config = fourierft_jax.FourierFTConfig(n_frequency=spec["n_frequency"], scaling=SCALING,
                                                target_modules=TARGETS[targets])
         adapter = fourierft_jax.apply(params, config, key=jax.random.key(3))
-        trainable = adapter.trainable
+        trainable, adapted = adapter.trainable, len(adapter.layers())
         forward = adapter.make_apply(model.apply, mode=variant)
     elif variant == "lora":
+        # The layers FourierFT adapts (public matching), with their kernels' shapes read from the params.
         config = fourierft_jax.FourierFTConfig(n_frequency=1, target_modules=TARGETS[targets])
-        layers = fourierft_jax._src.select_layers(params["params"], config)
-        keys = jax.random.split(jax.random.key(3), len(layers))
-        trainable = {
-            l.name: {"A": jax.random.normal(k, (l.in_features, 8)) / 8.0, "B": jnp.zeros((8, l.out_features))}
-            for l, k in zip(layers, keys)
-        }
-        forward = lora_apply(model.apply, set(trainable), 16.0 / 8)
+        names = fourierft_jax.apply(params, config, key=jax.random.key(3)).layers()
+        keys = jax.random.split(jax.random.key(4), len(names))
+        trainable = {}
+        for name, k in zip(names, keys):
+            node = params["params"]
+            for part in name.split("."):
+                node = node[part]
+            n_in, n_out = node["kernel"].shape
+            trainable[name] = {"A": jax.random.normal(k, (n_in, 8)) / 8.0, "B": jnp.zeros((8, n_out))}
+        forward, adapted = lora_apply(model.apply, set(trainable), 16.0 / 8), len(trainable)
     else:
-        raise ValueError(variant)
+        raise ValueError(f"unknown variant {variant!r}; known: floor, lora, {', '.join(FOURIERFT_MODES)}")
 
     opt_state = tx.init(trainable)
     n_trainable = sum(int(x.size) for x in jax.tree.leaves(trainable))
 
-    @jax.jit
-    def step(trainable, opt_state, params, ids):
-        loss, grads = jax.value_and_grad(lambda t: loss_of(forward(t, params, ids)))(trainable)
+    def step(trainable, opt_state, params, ids, labels):
+        def loss_of(t):
+            logits = forward(t, params, ids)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = jax.value_and_grad(loss_of)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    start = time.perf_counter()
-    trainable, opt_state, loss = jax.block_until_ready(step(trainable, opt_state, params, ids))
-    compile_s = time.perf_counter() - start
-    # ru_maxrss also counts XLA's compiler; a sampler gives the peak while the compiled steps run.
-    sampler = _RssSampler()
-    times = []
-    for _ in range(steps):
+    compiled = {}
+    for t, (ids, labels) in inputs.items():
         start = time.perf_counter()
-        trainable, opt_state, loss = jax.block_until_ready(step(trainable, opt_state, params, ids))
-        times.append(time.perf_counter() - start)
-    step_rss = sampler.stop()
-    import resource
+        exe = jax.jit(step).lower(trainable, opt_state, params, ids, labels).compile()
+        ma = exe.memory_analysis()
+        xla_gb = None if ma is None else (ma.argument_size_in_bytes + ma.output_size_in_bytes
+                                          + ma.temp_size_in_bytes - ma.alias_size_in_bytes) / 2**30
+        compiled[t] = {"exe": exe, "compile_s": time.perf_counter() - start, "xla_gb": xla_gb}
+    state = {"trainable": trainable, "opt_state": opt_state}
 
-    return {
-        "variant": variant, "targets": targets, "median_s": statistics.median(times), "times": times,
-        "first_step_s": compile_s, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "trainable": n_trainable, "loss": float(loss), "step_rss_gb": step_rss,
-    }
+    def one_step(t):
+        state["trainable"], state["opt_state"], loss = jax.block_until_ready(
+            compiled[t]["exe"](state["trainable"], state["opt_state"], params, *inputs[t]))
+        return loss
 
+    def run(request: dict) -> dict:
+        t, c = request["tokens"], compiled[request["tokens"]]
+        for _ in range(request["warmup"] + request["settle"]):  # settle: see _common.serve
+            one_step(t)
+        exact = reset_peak_rss()
+        times = []
+        for _ in range(request["steps"]):
+            start = time.perf_counter()
+            loss = one_step(t)
+            times.append(time.perf_counter() - start)
+        device_gb = _device_peak_gb(jax)
+        return {"times": times, "loss": float(loss), "rss_gb": peak_rss_gb(), "rss_exact": exact,
+                "device_gb": device_gb, "memory_gb": device_gb if device_gb is not None else peak_rss_gb(),
+                "xla_gb": c["xla_gb"], "compile_s": c["compile_s"]}
 
-class _RssSampler:
-    """Peak VmRSS of this process, sampled every 5 ms on a thread."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.peak, self._done = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._done.is_set():
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        self.peak = max(self.peak, int(line.split()[1]))
-            self._done.wait(0.005)
-
-    def stop(self) -> float:
-        self._done.set()
-        self._thread.join()
-        return self.peak / 2**20
+    return {"device": _device(jax), "trainable": n_trainable, "adapted": adapted}, run
 
 
-def run_delta(args) -> dict:
-    sys.path.insert(0, ROOT)
-    import jax
-
-    import fourierft_jax
-
-    out = {"variant": "delta"}
-    for shape in ((args.hidden, args.hidden), (args.hidden, args.intermediate)):
-        layer = fourierft_jax._src.LayerSpec(("x",), shape[0], shape[1], args.n_frequency, 150.0, 777)
-        c = jax.random.normal(jax.random.key(0), (args.n_frequency,))
-        for method in ("irfft2", "ifft2"):
-            f = jax.jit(lambda c, m=method: fourierft_jax._src.delta_kernel(c, layer, m))
-            jax.block_until_ready(f(c))
-            times = []
-            for _ in range(20):
-                start = time.perf_counter()
-                jax.block_until_ready(f(c))
-                times.append(time.perf_counter() - start)
-            out[f"{method} {shape[0]}x{shape[1]}"] = statistics.median(times)
-    return out
-
-
-def _timed(f, *operands, repeats: int = 10) -> float:
-    import jax
-
-    f = jax.jit(f)
-    jax.block_until_ready(f(*operands))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*operands))
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def run_layers(args) -> dict:
-    """Forward + backward of one Dense (tokens = batch·seq) per path, and the parts of the FourierFT paths."""
-    sys.path.insert(0, ROOT)
+def setup_limit(spec: dict):
+    """The limit work of each adapted layer shape (kernel layout (in, out), ΔW built in that layout), jitted."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    import fourierft_jax
-    from fourierft_jax._src.fused import _grad_plan, fused_dense
-    from fourierft_jax._src.spectral import spectral_delta
+    import bridge
 
-    tokens = args.batch * args.seq
-    out = {"variant": "layers", "tokens": tokens}
-    shapes = ((args.hidden, args.hidden), (args.hidden, args.intermediate), (args.intermediate, args.hidden))
-    for n_in, n_out in shapes:
-        layer = fourierft_jax._src.LayerSpec(("x",), n_in, n_out, args.n_frequency, 150.0, 777)
-        keys = jax.random.split(jax.random.key(0), 4)
-        x = jax.random.normal(keys[0], (tokens, n_in))
-        w = jax.random.normal(keys[1], (n_in, n_out)) / n_in**0.5
-        c = jax.random.normal(keys[2], (args.n_frequency,))
-        dy = jax.random.normal(keys[3], (tokens, n_out))
+    n, fns = spec["n_frequency"], {}
+    for shape in layer_shapes(spec["hidden"], spec["intermediate"], 1, "all"):
+        n_in, n_out = map(int, shape.split("x"))
+        rows, cols = bridge.spectral_indices(n_out, n_in, n, 777)  # (out, in) layout, PEFT's positions
+        target, source = half_spectrum_scatter(cols, rows, n_in, n_out)  # the kernel ΔWᵀ: (in, out)
+        col_half, col_conj = half_bins(cols, n_in)
+        row_half, row_conj = half_bins(rows, n_out)
+        sign = jnp.asarray(np.where(col_conj ^ row_conj, -1.0, 1.0), jnp.float32)
+        scale = SCALING / (n_in * n_out)
 
-        def vjp_of(fn):
-            # What a training step needs from this layer: the output, dx, and (if adapted) dc.
-            def run(x, c, dy):
-                y, pull = jax.vjp(fn, x, c)
-                return y, pull(dy)
-            return run
+        def build(c, target=target, source=source, n_in=n_in, n_out=n_out):
+            half = jnp.zeros(n_in * (n_out // 2 + 1), jnp.float32).at[target].add(0.5 * SCALING * c[source])
+            return jnp.fft.irfft2(half.reshape(n_in, n_out // 2 + 1).astype(jnp.complex64), s=(n_in, n_out))
 
-        paths = {
-            "floor": vjp_of(lambda x, c: x @ w),
-            "fused": vjp_of(lambda x, c: fused_dense(x, w, c, layer)),
-            "spectral": vjp_of(lambda x, c: x @ w + spectral_delta(x, c, layer)),
-            "merge": vjp_of(lambda x, c: x @ (w + fourierft_jax._src.delta_kernel(c, layer))),
-        }
-        col_half, row_half, sign, _ = _grad_plan(layer)
+        def grad(x, dy, col_half=col_half, row_half=row_half, sign=sign, scale=scale):
+            xs, ys = jnp.fft.rfft(x, axis=-1)[:, col_half], jnp.fft.rfft(dy, axis=-1)[:, row_half]
+            return scale * (jnp.sum(ys.real * xs.real, 0) - sign * jnp.sum(ys.imag * xs.imag, 0))
 
-        def grad_gather(x, dy):  # the fused backward's spectrum gradient (same layout as fused.py)
-            xh, yh = jnp.fft.rfft(x, axis=-1), jnp.fft.rfft(dy, axis=-1)
-            xt = jnp.stack([xh.real.T, xh.imag.T], 1)
-            yt = jnp.stack([yh.real.T, yh.imag.T], 1)
-            p = jnp.sum(yt[row_half] * xt[col_half], 2)
-            return p[:, 0] - sign * p[:, 1]
+        keys = jax.random.split(jax.random.key(0), 3)
+        c, build, grad = jax.random.normal(keys[0], (n,)), jax.jit(build), jax.jit(grad)
+        for t in spec["tokens"]:
+            x, dy = jax.random.normal(keys[1], (t, n_in)), jax.random.normal(keys[2], (t, n_out))
+            fns.setdefault(t, {})[shape] = {"ΔW build": (build, (c,)),
+                                            "rfft x + rfft dy + gather-sum": (grad, (x, dy))}
+    for per_shape in fns.values():
+        for parts in per_shape.values():
+            for fn, operands in parts.values():
+                jax.block_until_ready(fn(*operands))
 
-        parts = {
-            "matmul x@W": (lambda x: x @ w, x),
-            "irfft2 ΔW build": (lambda c: fourierft_jax._src.delta_kernel(c, layer), c),
-            "rfft x": (lambda x: jnp.fft.rfft(x, axis=-1), x),
-            "rfft dy": (lambda dy: jnp.fft.rfft(dy, axis=-1), dy),
-            "rffts + gather-sum (dc)": (grad_gather, x, dy),
-            "weight grad xᵀdy": (lambda x, dy: x.T @ dy, x, dy),
-        }
-        label = f"{n_in}x{n_out}"
-        for name, fn in paths.items():
-            out[f"{label} {name} fwd+bwd"] = _timed(fn, x, c, dy)
-        for name, (fn, *operands) in parts.items():
-            out[f"{label} {name}"] = _timed(fn, *operands)
-    return out
+    def run(request: dict) -> dict:
+        out = {}
+        for shape, parts in fns[request["tokens"]].items():
+            out[shape] = {}
+            for name, (fn, operands) in parts.items():
+                times = []
+                for _ in range(request["repeats"]):
+                    start = time.perf_counter()
+                    jax.block_until_ready(fn(*operands))
+                    times.append(time.perf_counter() - start)
+                out[shape][name] = [min(times), statistics.median(times)]
+        return {"parts": out}
+
+    return {"device": _device(jax), "trainable": 0}, run
+
+
+def _worker() -> None:
+    serve(lambda spec: (setup_limit if spec["variant"] == "limit" else setup_variant)(spec))
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
 
 
 def main() -> None:
+    if "--_worker" in sys.argv:
+        _worker()
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one compile step)")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--intermediate", type=int, default=3072)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=_int_list, help="tokens per step, comma-separated (default 1024,8192; "
+                        "batch = tokens / seq)")
+    parser.add_argument("--targets", default="all,qv", help="comma-separated: all, qv")
+    parser.add_argument("--variants", default="floor,auto,lora",
+                        help="comma-separated: floor, auto, lora, merge, spectral, fused (the limit always runs)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every variant")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per variant and round")
+    parser.add_argument("--warmup", type=int, default=0, help="extra untimed steps before them in every round "
+                        "(one is always taken first on a new token count or after the heap was trimmed)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of each limit part per round")
+    parser.add_argument("--layers", type=int, default=2, help="encoder blocks")
+    parser.add_argument("--models", default="bert", help="comma-separated widths: bert (768/3072), minilm (384/1536)")
+    parser.add_argument("--hidden", type=int, help="custom width (overrides --models; with --heads, --intermediate)")
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--intermediate", type=int)
+    parser.add_argument("--batch", type=int, help="batch size; without --tokens, the one token count batch x seq")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--n-frequency", type=int, default=1000)
-    parser.add_argument("--variants", default="floor,merge,spectral,fused,auto,lora")
-    parser.add_argument("--no-layers", action="store_true", help="skip the per-layer breakdown")
-    parser.add_argument("--targets", default="qv,all")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--no-layers", action="store_true", help="(kept for old commands; no effect: the per-layer "
+                        "figures are now the limit parts table)")
+    parser.add_argument("--json", help="also write every worker's results to this file")
     args = parser.parse_args()
 
-    if args.child:
-        variant, _, targets = args.child.partition(":")
-        runners = {"delta": run_delta, "layers": run_layers}
-        result = runners[variant](args) if variant in runners else run_variant(variant, targets, args.steps, args)
-        print("RESULT " + json.dumps(result))
-        return
+    tokens = args.tokens or ([args.batch * args.seq] if args.batch else [1024, 8192])
+    targets, variants = args.targets.split(","), args.variants.split(",")
+    if "floor" not in variants:
+        variants.insert(0, "floor")  # every ratio is to the floor
+    if args.hidden or args.heads or args.intermediate:
+        models = {"custom": (args.hidden or 768, args.heads or 12, args.intermediate or 3072)}
+    else:
+        models = {m: MODELS[m] for m in args.models.split(",")}
+    for t in tokens:
+        if t % args.seq:
+            parser.error(f"--tokens {t} is not a multiple of --seq {args.seq}")
 
-    jobs = [("floor", "-")] if "floor" in args.variants.split(",") else []
-    jobs += [(v, t) for t in args.targets.split(",") for v in args.variants.split(",") if v != "floor"]
-    jobs.append(("delta", "-"))
-    if not args.no_layers:
-        jobs.append(("layers", "-"))
-    passthrough = [a for a in sys.argv[1:]]
-    results = []
-    for variant, targets in jobs:
-        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--child", f"{variant}:{targets}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"{variant}:{targets} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            sys.exit(1)
-        results.append(json.loads(line[0][7:]))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-
-    floor = next((r for r in results if r["variant"] == "floor"), None)
-    print(f"BERT-base shape: {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"batch {args.batch}x{args.seq}, n_frequency {args.n_frequency}, AdamW, {args.steps} timed steps, "
-          f"jax {__import__('jax').__version__}, {os.cpu_count()} CPUs")
-    print("| variant | targets | median step (s) | × floor | min step (s) | × floor (min) | peak RSS (GB) | "
-          "× floor | RSS while stepping (GB) | × floor | trainable |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        if r["variant"] in ("delta", "layers"):
-            continue
-        ratio = r["median_s"] / floor["median_s"] if floor else float("nan")
-        rss = r["peak_rss_gb"] / floor["peak_rss_gb"] if floor else float("nan")
-        low = min(r["times"]) / min(floor["times"]) if floor else float("nan")
-        running = r["step_rss_gb"] / floor["step_rss_gb"] if floor else float("nan")
-        print(f"| {r['variant']} | {r['targets']} | {r['median_s']:.3f} | {ratio:.2f}× | {min(r['times']):.3f} | "
-              f"{low:.2f}× | {r['peak_rss_gb']:.2f} | {rss:.2f}× | {r['step_rss_gb']:.2f} | {running:.2f}× | "
-              f"{r['trainable']:,} |")
-    delta = next(r for r in results if r["variant"] == "delta")
-    print("ΔW build (jitted, median of 20): " + ", ".join(
-        f"{k} {v * 1e3:.2f} ms" for k, v in delta.items() if k != "variant"))
-    layers = next((r for r in results if r["variant"] == "layers"), None)
-    if layers:
-        print(f"Per adapted layer, {layers['tokens']} tokens (jitted, min of 10, ms):")
-        for k, v in layers.items():
-            if k not in ("variant", "tokens"):
-                print(f"  {k}: {v * 1e3:.2f}")
+    lines = header("fourierft_jax training step vs the frozen floor, by tokens per step")
+    print("\n".join(lines), flush=True)
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
+    args.tokens = tokens
+    groups = run_models(__file__, models, targets, variants, args, env=env)
+    report(groups, variants, LABELS,
+           f"{args.layers} encoder layers, heads {', '.join(str(m[1]) for m in models.values())}, n_frequency "
+           f"{args.n_frequency}, scaling {SCALING:g}, AdamW; {args.rounds} interleaved rounds x {args.steps} timed "
+           f"steps (+{args.warmup} untimed); limit parts: best and median of {args.repeats} calls per round",
+           "device peak_bytes_in_use per worker")
+    xla = [[g["model"], g["tokens"], r["spec"].get("targets", "-"), LABELS.get(r["spec"]["variant"]),
+            f"{r['runs'][0]['xla_gb']:.2f}", f"{r['runs'][0]['compile_s']:.1f}"]
+           for g in groups for r in g["results"] if r["spec"]["variant"] != "limit" and r["runs"][0]["xla_gb"]]
+    print("\nXLA memory_analysis of the compiled step (arguments + outputs + temporaries - aliased):\n"
+          + markdown(["model", "tokens", "targets", "variant", "GiB", "compile s"], xla))
+    print(f"\nload average at end (1/5/15 min): {load()}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Example:
 
 from bridge import FourierFTConfig, NameMap, NoTargetError
 
+from ._src.bank import AdapterBank, make_bank_apply
 from ._src.checkpoint import TrainingCheckpoints, load_adapter, save_adapter
 from ._src.convert import export_peft, import_peft, read_peft
 from ._src.modes import make_apply
@@ -23,6 +24,7 @@ from ._src.trace import ContractionTraceError
 from . import nnx  # noqa: E402  (fourierft_jax.nnx.apply without a separate import)
 
 __all__ = [
+    "AdapterBank",
     "AdapterMismatchError",
     "ContractionTraceError",
     "GEMMA_SPLIT",
@@ -39,6 +41,7 @@ __all__ = [
     "import_peft",
     "load_adapter",
     "make_apply",
+    "make_bank_apply",
     "multi_lr",
     "nnx",
     "read_peft",

@@ -34,6 +34,7 @@ from bridge._src.auto_rule import SPECTRAL_MAX_RATIO
 from bridge._src.auto_rule import choose_path as _choose_path
 from bridge._src.targets import fan_in_fan_out_for
 
+from ._mixed import check_rows, layer_mixed_delta
 from ._spectral import delta_from_plan, fused_linear, make_grad_plan, make_plan, spectral_delta
 
 FORWARD_MODES = ("auto", "spectral", "fused")
@@ -105,8 +106,10 @@ class FourierFTLinear(nn.Module):
 
     Attributes (plain settings, not saved):
         forward_mode: ``"auto"`` (default), ``"spectral"`` or ``"fused"`` (see the module docstring).
-        keep_delta: fused mode only; ``True`` (default) keeps ``W + ΔW`` from forward for backward; ``False``
-            rebuilds it there (one ``irfft2`` more per layer and step, one weight-sized buffer less per layer).
+        keep_delta: fused mode, when bridge's ``choose_input_grad`` picks ``"rebuild"`` for the input gradient
+            (many tokens): ``True`` (default) keeps ``W + ΔW`` from forward for backward; ``False`` rebuilds it
+            there (one ``irfft2`` more per layer and step, one weight-sized buffer less per layer). Where the rule
+            picks ``"spectral"`` nothing weight-sized is kept either way.
 
     Example:
         >>> import bridge
@@ -147,9 +150,10 @@ class FourierFTLinear(nn.Module):
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
         self.forward_mode = "auto"
-        # fused mode: keep W + ΔW between forward and backward (faster; one weight-sized buffer per layer, and
-        # the peak RSS still stays below PEFT's, which keeps ΔW alive for its own backward).
+        # fused mode with the "rebuild" input gradient: keep W + ΔW between forward and backward (faster; one
+        # weight-sized buffer per layer, and the peak RSS still stays below PEFT's, which keeps ΔW alive too).
         self.keep_delta = True
+        self._mixed_bank = None  # mixed batches: the stacked coefficients (fourierft_torch._mixed), built on use
         self.update_layer(adapter_name, n_frequency, config)
 
     @property
@@ -169,6 +173,7 @@ class FourierFTLinear(nn.Module):
         self.fourierft_scaling[adapter_name] = float(config.scaling)
         self.indices[adapter_name] = indices
         self._plans[adapter_name] = None
+        self._mixed_bank = None
         weight = self.base_layer.weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
         # Same RNG draw as PEFT (torch.randn(n_frequency), default generator), also with init_weights=True.
@@ -208,6 +213,7 @@ class FourierFTLinear(nn.Module):
             store.pop(adapter_name, None)
         if adapter_name in self.fourierft_spectrum:
             del self.fourierft_spectrum[adapter_name]
+        self._mixed_bank = None
         self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
 
     def to_merge(self, adapter_names: Optional[Sequence[str]] = None) -> list[str]:
@@ -264,7 +270,24 @@ class FourierFTLinear(nn.Module):
         weight = self.base_layer.weight
         return weight.t() if layer_kind(self.base_layer) == bridge.CONV1D else weight
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[Sequence[str]] = None,
+                **kwargs: Any) -> torch.Tensor:
+        """The layer's output; ``adapter_names`` (one per row of ``x``, ``"__base__"`` for none): a mixed batch."""
+        if adapter_names is not None:
+            check_rows(x, adapter_names, "FourierFTLinear")
+            if self.merged:
+                raise ValueError(
+                    "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+                )
+            result = self.base_layer(x, *args, **kwargs)
+            if self.disable_adapters:
+                return result
+            delta = layer_mixed_delta(self, x, adapter_names)
+            if delta is None:
+                return result
+            if result.dtype == delta.dtype and not torch.is_grad_enabled():
+                return result.add_(delta)  # inference: the base output is ours, no second output-sized buffer
+            return (result + delta).to(result.dtype)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

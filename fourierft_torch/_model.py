@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -34,6 +35,7 @@ from bridge._src.peft_format import (
 )
 
 from ._layer import FourierFTLinear, layer_kind, layer_shape
+from ._mixed import BASE, adapter_names_hooks, check_names, generate_expansion
 from ._modules_to_save import ModulesToSaveWrapper, unwrap
 
 # PEFT's PeftModelFor<task> add these to `modules_to_save` (PEFT 0.21, peft_model.py).
@@ -98,8 +100,72 @@ class FourierFTModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """Run the wrapped model; ``adapter_names`` (one per batch row) runs each row with its own adapter.
+
+        PEFT's mixed batches: ``"__base__"`` is the base model for that row; an unknown name, a list of the
+        wrong length, merged adapters or a model in training mode raise ``ValueError`` (nothing changes). The
+        adapters' part runs on the spectral path, for every row at once (``fourierft_torch._mixed``); it is for
+        inference and carries no gradient.
+
+        Example:
+            >>> import fourierft_torch
+            >>> base = nn.Sequential(nn.Linear(6, 6)).eval()
+            >>> config = fourierft_torch.FourierFTConfig(n_frequency=4, target_modules=["0"])
+            >>> model = fourierft_torch.get_fourierft_model(base, config)
+            >>> model.add_adapter("other", config)
+            >>> x = torch.randn(3, 6)
+            >>> with torch.inference_mode():
+            ...     mixed = model(x, adapter_names=["default", "__base__", "other"])
+            ...     with model.disable_adapter():
+            ...         plain = model(x)
+            >>> torch.equal(mixed[1], plain[1])
+            True
+        """
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``; ``adapter_names`` (one per input row) as in ``forward``.
+
+        With ``num_beams`` / ``num_return_sequences`` each name is repeated as transformers repeats its row
+        (``max`` of the two; the encoder of an encoder-decoder model keeps the original rows), as PEFT does.
+        Works with the KV cache (each step's rows are the same sequences).
+        """
+        generate = getattr(self.model, "generate", None)
+        if generate is None:
+            raise AttributeError(f"{type(self.model).__name__} has no generate()")
+        if adapter_names is None:
+            return generate(*args, **kwargs)
+        expand = generate_expansion(kwargs, getattr(self.model, "generation_config", None))
+        with self._mixed_batch(adapter_names, expand=expand):
+            return generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: Any, expand: int = 1) -> Iterator[None]:
+        """Checks (before anything runs), then hooks that hand ``adapter_names`` to every adapted module."""
+        names = check_names(adapter_names, list(self.peft_config))
+        if self.model.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval() first.")
+        layers, wrappers = self._fourier_layers(), self._wrappers()
+        merged = [name for name, layer in layers.items() if layer.merged]
+        if merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first "
+                f"(merged into {', '.join(merged)})."
+            )
+        modules = list(layers.values()) + list(wrappers.values())
+        expanded = [name for name in names for _ in range(expand)]
+        encoder_modules: list[nn.Module] = []
+        if expand > 1 and getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+            inside = {id(m) for m in encoder.modules()} if encoder is not None else set()
+            encoder_modules = [m for m in modules if id(m) in inside]
+            modules = [m for m in modules if id(m) not in inside]
+        with adapter_names_hooks(modules, expanded, encoder_modules, names):
+            yield
 
     def _fourier_layers(self) -> dict[str, FourierFTLinear]:
         return {name: m for name, m in self.model.named_modules() if isinstance(m, FourierFTLinear)}
@@ -228,33 +294,40 @@ class FourierFTModel(nn.Module):
         undo: list[Any] = []
         flags = self._selection_state()
         try:
-            self.peft_config[adapter_name] = config
-            undo.append(lambda: self.peft_config.pop(adapter_name, None))
-            for target in targets:
-                module = self.model.get_submodule(target.name)
-                if isinstance(module, FourierFTLinear):
-                    undo.append(functools.partial(module.delete_adapter, adapter_name))
-                    module.update_layer(adapter_name, target.n_frequency, config)
-                    continue
-                new = FourierFTLinear(
-                    module, adapter_name, config, target.n_frequency, fan_in_fan_out=target.kind == bridge.CONV1D
-                )
-                self._replace(target.name, new)
-                undo.append(functools.partial(self._replace, target.name, module))
-            for name in saved:
-                module = self.model.get_submodule(name)
-                if isinstance(module, ModulesToSaveWrapper):
-                    undo.append(functools.partial(module.remove, adapter_name))
-                    module.update(adapter_name)
-                else:
-                    self._replace(name, ModulesToSaveWrapper(module, adapter_name))
-                    undo.append(functools.partial(self._replace, name, module))
+            self._inject_steps(adapter_name, config, targets, saved, undo)
             self._refresh()
         except BaseException:
             for action in reversed(undo):
                 action()
             self._restore_selection_state(flags)
             raise
+
+    def _inject_steps(
+        self, adapter_name: str, config: bridge.FourierFTConfig, targets: list[bridge.TargetLayer], saved: list[str],
+        undo: list[Any],
+    ) -> None:
+        """The mutations of ``_inject``, each followed by its undo action in ``undo`` (the caller rolls back)."""
+        self.peft_config[adapter_name] = config
+        undo.append(lambda: self.peft_config.pop(adapter_name, None))
+        for target in targets:
+            module = self.model.get_submodule(target.name)
+            if isinstance(module, FourierFTLinear):
+                undo.append(functools.partial(module.delete_adapter, adapter_name))
+                module.update_layer(adapter_name, target.n_frequency, config)
+                continue
+            new = FourierFTLinear(
+                module, adapter_name, config, target.n_frequency, fan_in_fan_out=target.kind == bridge.CONV1D
+            )
+            self._replace(target.name, new)
+            undo.append(functools.partial(self._replace, target.name, module))
+        for name in saved:
+            module = self.model.get_submodule(name)
+            if isinstance(module, ModulesToSaveWrapper):
+                undo.append(functools.partial(module.remove, adapter_name))
+                module.update(adapter_name)
+            else:
+                self._replace(name, ModulesToSaveWrapper(module, adapter_name))
+                undo.append(functools.partial(self._replace, name, module))
 
     def _selection_state(self) -> tuple[dict, dict, dict]:
         """What ``_refresh`` changes: ``requires_grad`` of every parameter, the layers' and wrappers' selection."""
@@ -573,6 +646,106 @@ class FourierFTModel(nn.Module):
         if not any(name in self.peft_config for name in self.active_adapters) or len(self.peft_config) == 1:
             self.active_adapter = adapter_name
         self._refresh()
+
+    def load_adapters(
+        self,
+        folders: Sequence[Union[str, os.PathLike]],
+        adapter_names: Optional[Sequence[str]] = None,
+        *,
+        progress: bool = True,
+    ) -> list[str]:
+        """Load many PEFT FourierFT folders at once (a bank for mixed batches); returns their names.
+
+        ``adapter_names`` default to the folders' base names. Each folder goes through the strict reader
+        (``bridge._src.many.read_adapters``, with a tqdm bar) and is checked against this model like
+        ``load_adapter`` (every key and shape, no NaN/inf) before anything changes; targets are planned once per
+        distinct config and positions once per distinct ``(shape, n_frequency, seed)``. All or nothing: if any
+        folder is refused, the model is left exactly as it was. The adapters load for inference (frozen).
+
+        Example:
+            >>> import tempfile, fourierft_torch
+            >>> base = nn.Sequential(nn.Linear(6, 6)).eval()
+            >>> config = fourierft_torch.FourierFTConfig(n_frequency=4, target_modules=["0"])
+            >>> model = fourierft_torch.get_fourierft_model(base, config)
+            >>> root = tempfile.mkdtemp()
+            >>> for task in ("a", "b", "c"):
+            ...     model.save_pretrained(f"{root}/{task}")
+            >>> model.load_adapters([f"{root}/{task}" for task in ("a", "b", "c")], progress=False)
+            ['a', 'b', 'c']
+            >>> model(torch.randn(2, 6), adapter_names=["c", "a"]).shape
+            torch.Size([2, 6])
+        """
+        from bridge._src.many import read_adapters
+
+        read = read_adapters(folders, adapter_names, progress=progress)
+        taken = [a.name for a in read if a.name in self.peft_config or a.name == BASE]
+        if taken:
+            raise ValueError(f"adapter name(s) {taken} already exist (or are reserved); pass other adapter_names=")
+        with_bias = [a.name for a in read if a.config.bias != "none"]
+        with_bias += [name for name, c in self.peft_config.items() if c.bias != "none"]
+        if len(with_bias) > 1:
+            raise ValueError(f"FourierFTModel supports only 1 adapter with bias, got {with_bias}")
+        plans = self._plan_many(read)
+        # Validated: now mutate, all adapters or none.
+        undo: list[Any] = []
+        flags = self._selection_state()
+        state = torch.random.get_rng_state()
+        active = self.active_adapters
+        try:
+            for adapter, (config, targets, saved, keys, tensors) in zip(read, plans):
+                self._inject_steps(adapter.name, config, targets, saved, undo)
+                self._copy_tensors(adapter.name, keys, tensors)
+            if read and not any(name in self.peft_config for name in active):
+                self.active_adapter = read[0].name  # as load_adapter: a model without an active one gets the first
+            self._refresh()
+        except BaseException:
+            for action in reversed(undo):
+                action()
+            self.active_adapter = active
+            self._restore_selection_state(flags)
+            raise
+        finally:
+            torch.random.set_rng_state(state)  # loading must not consume the caller's random stream
+        return [adapter.name for adapter in read]
+
+    def _plan_many(self, read: list) -> list[tuple]:
+        """Per folder: ``(config, targets, saved, keys, tensors)`` checked against this model; no mutation."""
+        import numpy as np
+
+        shapes = {name: tuple(t.shape) for name, t in self._logical_state().items()}
+        adapted = set(self._fourier_layers())
+        planned: dict[str, tuple] = {}
+        out = []
+        for i, adapter in enumerate(read):
+            config = dataclasses.replace(adapter.config, inference_mode=True)
+            key = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+            if key not in planned:
+                planned[key] = self._plan_adapter(config)
+            config, targets, saved = planned[key]
+            config = dataclasses.replace(config)  # one config object per adapter, as load_adapter gives
+            adapted |= {t.name for t in targets}
+            keys = adapter_keys(config, targets, shapes, saved, adapted_layers=sorted(adapted))
+            renames = rename_bias_aliases(keys, list(adapter.tensors))
+            tensors = {renames.get(k, k): v for k, v in adapter.tensors.items()}
+            where = f"adapter {i} ({adapter.name!r}, {adapter.folder})"
+            check_adapter_shapes(keys, {k: v.shape for k, v in tensors.items()}, source=where)
+            bad = [k.key for k in keys if np.issubdtype(tensors[k.key].dtype, np.floating)
+                   and not np.isfinite(tensors[k.key]).all()]
+            if bad:
+                raise bridge.AdapterFormatError(f"{where}: NaN or inf values in {', '.join(repr(k) for k in bad)}")
+            out.append((config, targets, saved, keys, tensors))
+        return out
+
+    def _copy_tensors(self, adapter_name: str, keys: list[AdapterKey], tensors: dict) -> None:
+        """Copy an injected adapter's values (numpy or torch) into its spectra, copies and biases."""
+        layers, wrappers = self._fourier_layers(), self._wrappers()
+        logical = self._logical_state() if any(k.kind not in (SPECTRUM, MODULE) for k in keys) else {}
+        with torch.no_grad():
+            for key in keys:
+                target = self._tensor_for(key, adapter_name, layers, wrappers, logical)
+                value = tensors[key.key]
+                value = value if isinstance(value, torch.Tensor) else torch.tensor(value)  # read-only numpy: copy
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
 
     @classmethod
     def from_pretrained(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
+
+from ._mixed import check_rows
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -49,8 +51,40 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current()(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.current()(*args, **kwargs)
+        return self._mixed_batch_forward(args, kwargs, adapter_names)
+
+    def _mixed_batch_forward(self, args: tuple, kwargs: dict, adapter_names: Sequence[str]) -> torch.Tensor:
+        """Each row of the first argument through its adapter's copy (the original for ``"__base__"`` and for
+        adapters without a copy here), as PEFT's wrapper does for a mixed batch."""
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError("ModulesToSaveWrapper: a mixed batch needs the batch tensor as the first argument")
+        x, rest = args[0], args[1:]
+        check_rows(x, adapter_names, "ModulesToSaveWrapper")
+        groups: dict[int, tuple[nn.Module, list[int]]] = {}
+        for row, name in enumerate(adapter_names):
+            module = self.original_module
+            if not self.disable_adapters and name in self.modules_to_save:
+                module = self.modules_to_save[name]
+            groups.setdefault(id(module), (module, []))[1].append(row)
+        if len(groups) == 1:
+            module = next(iter(groups.values()))[0]
+            return module(x, *rest, **kwargs)
+        result = None
+        for module, rows in groups.values():
+            index = torch.tensor(rows, dtype=torch.int64, device=x.device)
+            out = module(x.index_select(0, index), *rest, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"ModulesToSaveWrapper: mixed batches need a module that returns a tensor, "
+                    f"{type(module).__name__} returned {type(out).__name__}"
+                )
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result.index_copy_(0, index, out)
+        return result
 
     def __getattr__(self, name: str) -> Any:
         try:

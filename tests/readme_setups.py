@@ -294,6 +294,43 @@ def _torch_loaded(ns: Namespace) -> None:
     assert bridge.spectrum_key("layers_1.attn.v") in tensors, sorted(tensors)
 
 
+def _serving_pair(ns: Namespace) -> None:
+    """The odd pair plus three PEFT folders ``tasks/a|b|c`` (three spectra of one config), a fresh ``adapter``
+    of that config, and per-row references: each task's merged model and the base model."""
+    import jax
+    import numpy as np
+
+    import fourierft_jax
+
+    model, params, torch_model, x = _odd_models()
+    ns.update(model=model, params=params, torch_model=torch_model, x=x)
+    folders, want = [], {}
+    for i, task in enumerate("abc"):
+        trained = _odd_adapter(model, params, x)
+        trained.set_trainable(jax.tree.map(lambda a, i=i: a * (i + 1), trained.trainable))
+        fourierft_jax.export_peft(trained, f"tasks/{task}")
+        folders.append(f"tasks/{task}")
+        want[task] = np.asarray(trained.make_apply(model.apply, mode="merge")(trained.trainable, params, x))
+    want["__base__"] = np.asarray(model.apply(params, x))
+    ns.update(folders=folders, adapter=_odd_adapter(model, params, x), _want=want)
+
+
+def _served(ns: Namespace) -> None:
+    """Row b of the mixed batch equals row b of its task's merged model (base rows: the base model)."""
+    import numpy as np
+    import torch
+
+    rows = ["a", "__base__", "c", "b"]  # the README block's adapter_index / adapter_names
+    got_jax = np.asarray(ns["logits"])
+    with torch.no_grad():
+        got_torch = ns["torch_logits"].detach().numpy()
+    for b, task in enumerate(rows):
+        np.testing.assert_allclose(got_jax[b], ns["_want"][task][b], rtol=1e-5, atol=1e-5, err_msg=f"jax row {b}")
+        np.testing.assert_allclose(got_torch[b], ns["_want"][task][b], rtol=1e-5, atol=1e-5, err_msg=f"torch row {b}")
+    assert np.abs(ns["_want"]["a"] - ns["_want"]["__base__"]).max() > 1e-3  # the adapters change the rows
+    assert "b" not in ns["bank"].names  # evicted
+
+
 def _cli_files(ns: Namespace) -> None:
     """``ckpt/`` (an Orbax adapter), ``model/`` (the torch model's safetensors) and ``rules.json`` as the README
     block's comment gives it."""
@@ -345,11 +382,11 @@ def _delta_shape(ns: Namespace) -> None:
 
 SETUPS: dict[str, Callable[[Namespace], None]] = {
     "linen_qv": _linen_qv, "nnx_qv": _nnx_qv, "gemma": _gemma, "bert_mesh": _bert_mesh, "bert_torch": _bert_torch,
-    "odd_pair": _odd_pair, "cli_files": _cli_files, "spectrum": _spectrum,
+    "odd_pair": _odd_pair, "cli_files": _cli_files, "spectrum": _spectrum, "serving_pair": _serving_pair,
 }
 CHECKS: dict[str, Callable[[Namespace], None]] = {
     "train_step": _train_step, "keras_backend": _keras_backend, "nnx_step": _nnx_step, "mesh_step": _mesh_step, "torch_train": _torch_train,
-    "torch_loaded": _torch_loaded, "cli_outputs": _cli_outputs, "delta_shape": _delta_shape,
+    "torch_loaded": _torch_loaded, "cli_outputs": _cli_outputs, "delta_shape": _delta_shape, "served": _served,
 }
 
 

@@ -78,8 +78,8 @@ def evaluate(logits_fn: LogitsFn, trainable, frozen, data, batch_size: int) -> t
     return float((logits.argmax(-1) == labels).mean()), logits
 
 
-def fit(name, logits_fn: LogitsFn, trainable, frozen, tx, splits, args, checkpoint_dir: str):
-    """Train ``trainable`` with ``tx``; Orbax checkpoint each epoch, keep the best; return (best, history)."""
+def train_step(logits_fn: LogitsFn, tx):
+    """The jitted step ``(trainable, opt_state, frozen, ids, mask, labels) -> (trainable, opt_state, loss)``."""
 
     def loss_fn(trainable, frozen, ids, mask, labels):
         logits = logits_fn(trainable, frozen, ids, mask)
@@ -91,6 +91,12 @@ def fit(name, logits_fn: LogitsFn, trainable, frozen, tx, splits, args, checkpoi
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
+    return step
+
+
+def fit(name, logits_fn: LogitsFn, trainable, frozen, tx, splits, args, checkpoint_dir: str):
+    """Train ``trainable`` with ``tx``; Orbax checkpoint each epoch, keep the best; return (best, history)."""
+    step = train_step(logits_fn, tx)
     eval_logits = jax.jit(logits_fn)
     manager = ocp.CheckpointManager(
         os.path.abspath(checkpoint_dir),

@@ -55,6 +55,19 @@ def polarity_splits(
         (['test', 'train', 'validation'], True)
     """
     labelled = [(token, int(mean > 0)) for token, mean in read_lexicon(path) if abs(mean) >= threshold]
+    return labelled_splits(labelled, fractions, seed)
+
+
+def labelled_splits(
+    labelled: list[tuple[str, int]], fractions: tuple[float, float] = (0.8, 0.1), seed: int = 0
+) -> dict[str, Split]:
+    """Train / validation / test splits of ``(text, label)`` pairs, shuffled by ``seed``.
+
+    Example:
+        >>> splits = labelled_splits([("good", 1), ("bad", 0)] * 5)
+        >>> [len(splits[name]) for name in ("train", "validation", "test")]
+        [8, 1, 1]
+    """
     order = np.random.default_rng(seed).permutation(len(labelled))
     n_train = int(fractions[0] * len(order))
     n_validation = int(fractions[1] * len(order))

@@ -6,8 +6,9 @@ Whatever layout the model gives the kernel (``KernelView``), FourierFT works on 
 the two fast forms of the 2-D layer serve every contraction:
 
 * ``"fused"``: ``dot(x, V + ΔV)`` with a hand-written backward that takes the spectrum gradient from the FFTs of
-  the ``(tokens, in)`` input and the ``(tokens, out)`` cotangent (``fused._spectrum_grads``) -- never the
-  weight-sized ``xᵀdy``;
+  the ``(tokens, in)`` input and the ``(tokens, out)`` cotangent (``fused.gather_sum``) -- never the
+  weight-sized ``xᵀdy`` -- and ``dx`` in the form bridge's ``choose_input_grad`` picks ("rebuild" ΔW, or
+  "spectral" from ``rfft(dy)``; ``input_grad_form`` forces one);
 * ``"spectral"``: ``dot(x, V)`` plus the adapter's output computed from the input's spectrum
   (``spectral.spectral_delta``), never building ``ΔW``.
 
@@ -17,22 +18,27 @@ the two fast forms of the 2-D layer serve every contraction:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import NamedSharding, PartitionSpec
 
+from bridge._src.auto_rule import REBUILD, SPECTRAL, choose_input_grad
+
 from .delta import delta_kernel_f32
-from .fused import spectrum_grads
+from .fused import gather_sum, input_bins, spectrum_grads
 from .sharding import sharded_delta
 from .kernel_view import KernelView, arrange, gather_atoms
 from .layer import LayerSpec
-from .spectral import spectral_delta
+from .spectral import frequency_table, input_grad_delta, spectral_delta, take_rows
 
 
 class ContractionError(ValueError):
@@ -189,27 +195,132 @@ def _delta_operand(spectra: Sequence[jax.Array], layers: Sequence[LayerSpec], pl
     return plan.operand_from_matrix(total)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+# -- the input gradient and the residuals of the fused backward ---------------------------------------------------
+#
+# dx = dy (W + ΔW)ᵀ takes one of two forms (bridge's ``choose_input_grad``): "rebuild" ΔW (a token-independent
+# irfft2) and ride on the frozen matmul, or "spectral": dy Wᵀ plus dy ΔWᵀ from the dy table the spectrum gradient
+# needs anyway (``spectral.input_grad_delta``, token-proportional). On a device mesh the rebuild form stays: its
+# ΔW is shard-local already, while a spectral dx would need its own shard_map of the feature-split FFTs.
+#
+# Residuals: the spectrum gradient needs rfft(x) only at the positions' distinct columns. Where the frozen kernel
+# takes no gradient (custom_vjp's symbolic zeros say so) and that table is smaller than x, the forward keeps the
+# table instead of x (e.g. 735 of 1537 bins for a 3072-wide input: 0.48 of x's bytes in float32); otherwise x.
+
+_FORCED_INPUT_GRAD: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fourierft_input_grad",
+                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def input_grad_form(form: Optional[str]) -> Iterator[None]:
+    """Trace the fused backward's input gradient in ``form`` (``"spectral"`` or ``"rebuild"``) instead of by
+    ``choose_input_grad`` (None: the rule); for tests and benchmarks. It applies when a function is traced.
+
+    Example:
+        >>> with input_grad_form("spectral"):
+        ...     _FORCED_INPUT_GRAD.get()
+        'spectral'
+    """
+    if form not in (None, SPECTRAL, REBUILD):
+        raise ValueError(f"input_grad_form: form must be {SPECTRAL!r}, {REBUILD!r} or None, got {form!r}")
+    token = _FORCED_INPUT_GRAD.set(form)
+    try:
+        yield
+    finally:
+        _FORCED_INPUT_GRAD.reset(token)
+
+
+def _input_grad(tokens: int, out_features: int, in_features: int, sharded: bool) -> str:
+    forced = _FORCED_INPUT_GRAD.get()
+    if forced is not None:
+        return forced if not sharded else REBUILD
+    return REBUILD if sharded else choose_input_grad(tokens, out_features, in_features)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Like:
+    """The shape and dtype of a residual that is not kept (a static pytree: no leaves)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def struct(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(self.shape, self.dtype)
+
+
+def _keeps_table(x: jax.Array, bins: int, in_features: int, operand_perturbed: bool) -> bool:
+    return not operand_perturbed and bins * 2 * 4 < in_features * jnp.dtype(x.dtype).itemsize
+
+
+def _input_residuals(x: jax.Array, layers: Sequence[LayerSpec], plan: DotPlan, operand_perturbed: bool,
+                     sharded: bool) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+    """``(x, None)`` or ``(None, x_table)``: what the backward keeps of the input."""
+    bins = input_bins(layers)
+    if sharded or not _keeps_table(x, bins.size, layers[0].in_features, operand_perturbed):
+        return x, None
+    return None, take_rows(frequency_table(plan.matrix_input(x)), bins)
+
+
+def _x_tables(x: Optional[jax.Array], x_table: Optional[jax.Array], layers: Sequence[LayerSpec], plan: DotPlan
+              ) -> tuple[jax.Array, Optional[np.ndarray]]:
+    if x_table is not None:
+        return x_table, input_bins(layers)
+    return frequency_table(plan.matrix_input(x)), None
+
+
+def _input_grad_from(dy: jax.Array, operand: jax.Array, x_like: _Like, plan: DotPlan,
+                     delta_rows: Optional[jax.Array]) -> jax.Array:
+    """``dy · operandᵀ`` in ``x``'s layout, plus ``delta_rows`` (``(tokens, in)``, ``dy ΔW``) where given."""
+    (dx,) = jax.linear_transpose(lambda a: plan.dot(a, operand), x_like.struct())(dy)
+    if delta_rows is None:
+        return dx
+    (extra,) = jax.linear_transpose(plan.matrix_input, jax.ShapeDtypeStruct(x_like.shape, jnp.float32))(delta_rows)
+    return (dx.astype(jnp.float32) + extra).astype(dx.dtype)
+
+
+def _operand_grad(x: Optional[jax.Array], operand: jax.Array, plan: DotPlan, dy: jax.Array) -> Optional[jax.Array]:
+    # Kept only when someone asks for it (dead code under jit otherwise); without x the kernel takes no gradient.
+    if x is None:
+        return None
+    return jax.vjp(lambda b: plan.dot(x, b), operand)[1](dy)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _fused(x: jax.Array, operand: jax.Array, spectra: tuple, layers: tuple, plan: DotPlan,
-           sharding: Optional[NamedSharding]) -> jax.Array:
+           sharding: Optional[NamedSharding], input_grad: str) -> jax.Array:
     return plan.dot(x, operand + _delta_operand(spectra, layers, plan, sharding).astype(operand.dtype))
 
 
-def _fused_fwd(x, operand, spectra, layers, plan, sharding):
-    return _fused(x, operand, spectra, layers, plan, sharding), (x, operand, spectra)
+def _fused_fwd(x, operand, spectra, layers, plan, sharding, input_grad):
+    xv, wv, sv = x.value, operand.value, tuple(s.value for s in spectra)
+    y = _fused(xv, wv, sv, layers, plan, sharding, input_grad)
+    kept_x, x_table = _input_residuals(xv, layers, plan, operand.perturbed, sharding is not None)
+    return y, (kept_x, x_table, wv, sv, _Like(tuple(xv.shape), xv.dtype))
 
 
-def _fused_bwd(layers, plan, sharding, residuals, dy):
-    x, operand, spectra = residuals
-    effective = operand + _delta_operand(spectra, layers, plan, sharding).astype(operand.dtype)
-    dx = jax.vjp(lambda a: plan.dot(a, effective), x)[1](dy)[0]
-    # The frozen operand's gradient is only kept when someone asks for it (dead code under jit otherwise).
-    doperand = jax.vjp(lambda b: plan.dot(x, b), operand)[1](dy)[0]
-    grads = spectrum_grads(plan.matrix_input(x), plan.matrix_cotangent(dy), tuple(l.flat for l in layers), sharding)
-    return dx, doperand, tuple(g.astype(s.dtype) for g, s in zip(grads, spectra))
+def _fused_bwd(layers, plan, sharding, input_grad, residuals, dy):
+    x, x_table, operand, spectra, x_like = residuals
+    if isinstance(dy, SymbolicZero):
+        return None, None, tuple(None for _ in spectra)
+    flat_dy = plan.matrix_cotangent(dy)
+    flats = tuple(l.flat for l in layers)
+    if sharding is not None:
+        grads = spectrum_grads(plan.matrix_input(x), flat_dy, flats, sharding)
+        delta_rows = None
+    else:
+        y_table = frequency_table(flat_dy)
+        table, bins = _x_tables(x, x_table, layers, plan)
+        grads = [gather_sum(table, y_table, layer, bins) for layer in flats]
+        delta_rows = input_grad_delta((y_table,) * len(flats), spectra, flats) if input_grad == SPECTRAL else None
+    if delta_rows is None:
+        effective = operand + _delta_operand(spectra, layers, plan, sharding).astype(operand.dtype)
+        dx = _input_grad_from(dy, effective, x_like, plan, None)
+    else:
+        dx = _input_grad_from(dy, operand, x_like, plan, delta_rows)
+    return (dx, _operand_grad(x, operand, plan, dy), tuple(g.astype(s.dtype) for g, s in zip(grads, spectra)))
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def _part_deltas(rows: jax.Array, layer: LayerSpec) -> jax.Array:
@@ -218,33 +329,44 @@ def _part_deltas(rows: jax.Array, layer: LayerSpec) -> jax.Array:
     return jnp.transpose(deltas, (1, 0, 2)).reshape(layer.in_features, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused_parts(x: jax.Array, operand: jax.Array, rows: tuple, layers: tuple, plan: DotPlan) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused_parts(x: jax.Array, operand: jax.Array, rows: tuple, layers: tuple, plan: DotPlan,
+                 input_grad: str) -> jax.Array:
     delta = sum(_part_deltas(r, l) for r, l in zip(rows, layers))
     return plan.dot(x, operand + plan.operand_from_matrix(delta).astype(operand.dtype))
 
 
-def _fused_parts_fwd(x, operand, rows, layers, plan):
-    return _fused_parts(x, operand, rows, layers, plan), (x, operand, rows)
+def _fused_parts_fwd(x, operand, rows, layers, plan, input_grad):
+    xv, wv, rv = x.value, operand.value, tuple(r.value for r in rows)
+    y = _fused_parts(xv, wv, rv, layers, plan, input_grad)
+    kept_x, x_table = _input_residuals(xv, layers, plan, operand.perturbed, False)
+    return y, (kept_x, x_table, wv, rv, _Like(tuple(xv.shape), xv.dtype))
 
 
-def _fused_parts_bwd(layers, plan, residuals, dy):
-    x, operand, rows = residuals
-    delta = sum(_part_deltas(r, l) for r, l in zip(rows, layers))
-    effective = operand + plan.operand_from_matrix(delta).astype(operand.dtype)
-    dx = jax.vjp(lambda a: plan.dot(a, effective), x)[1](dy)[0]
-    doperand = jax.vjp(lambda b: plan.dot(x, b), operand)[1](dy)[0]
-    flat_x, flat_dy = plan.matrix_input(x), plan.matrix_cotangent(dy)
+def _fused_parts_bwd(layers, plan, input_grad, residuals, dy):
+    x, x_table, operand, rows, x_like = residuals
+    if isinstance(dy, SymbolicZero):
+        return None, None, tuple(None for _ in rows)
+    flat_dy = plan.matrix_cotangent(dy)
+    table, bins = _x_tables(x, x_table, layers, plan)
     parts = rows[0].shape[0]
     blocks = flat_dy.reshape(flat_dy.shape[0], parts, -1)
-    grads = []
-    for r, layer in zip(rows, layers):
-        per_part = [spectrum_grads(flat_x, blocks[:, p], (layer.flat,))[0] for p in range(parts)]
-        grads.append(jnp.stack(per_part).astype(r.dtype))
-    return dx, doperand, tuple(grads)
+    y_tables = [frequency_table(blocks[:, p]) for p in range(parts)]
+    flats = tuple(l.flat for l in layers)
+    grads = [jnp.stack([gather_sum(table, y_tables[p], layer, bins) for p in range(parts)]).astype(r.dtype)
+             for r, layer in zip(rows, flats)]
+    if input_grad == SPECTRAL:
+        pairs = [(y_tables[p], r[p], layer) for r, layer in zip(rows, flats) for p in range(parts)]
+        delta_rows = input_grad_delta(*zip(*pairs))
+        dx = _input_grad_from(dy, operand, x_like, plan, delta_rows)
+    else:
+        delta = sum(_part_deltas(r, l) for r, l in zip(rows, layers))
+        dx = _input_grad_from(dy, operand + plan.operand_from_matrix(delta).astype(operand.dtype), x_like, plan,
+                              None)
+    return dx, _operand_grad(x, operand, plan, dy), tuple(grads)
 
 
-_fused_parts.defvjp(_fused_parts_fwd, _fused_parts_bwd)
+_fused_parts.defvjp(_fused_parts_fwd, _fused_parts_bwd, symbolic_zeros=True)
 
 
 def adapted_parts_dot(x: jax.Array, operand: jax.Array, rows: Sequence[jax.Array], layers: Sequence[LayerSpec],
@@ -253,7 +375,9 @@ def adapted_parts_dot(x: jax.Array, operand: jax.Array, rows: Sequence[jax.Array
     adapter, each the layer of one slice), with one spectrum row per slice in ``rows`` (``(parts, n)`` each)."""
     rows, layers = tuple(rows), tuple(layers)
     if path == "fused":
-        return _fused_parts(x, operand, rows, layers, plan)
+        part = layers[0]
+        form = _input_grad(plan.tokens(jnp.shape(x)), part.out_features * rows[0].shape[0], part.in_features, False)
+        return _fused_parts(x, operand, rows, layers, plan, form)
     y = plan.dot(x, operand)
     flat_x = plan.matrix_input(x)
     total = None
@@ -292,7 +416,9 @@ def adapted_dot(
     for spectrum, layer in zip(spectra, layers):
         layer.check_spectrum(jnp.shape(spectrum))
     if path == "fused":
-        return _fused(x, operand, spectra, layers, plan, matrix_sharding(layers[0], sharding))
+        form = _input_grad(plan.tokens(jnp.shape(x)), layers[0].out_features, layers[0].in_features,
+                           sharding is not None)
+        return _fused(x, operand, spectra, layers, plan, matrix_sharding(layers[0], sharding), form)
     y = plan.dot(x, operand)
     flat_x = plan.matrix_input(x)
     total = None

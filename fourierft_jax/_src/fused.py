@@ -7,9 +7,12 @@ large as the forward one) and then gathers ``n`` entries of its 2-D FFT. The spe
 ``∂L/∂c_k = scaling/(out·in) · Σ_b Re(Ŷ[b, row_k] · X̂[b, col_k])``
 
 (``(row_k, col_k)`` PEFT's positions over ``(out, in)``) -- two row FFTs and a ``tokens × n`` gather-multiply-sum.
-The input gradient is ``dy @ (W + ΔW)ᵀ``, the same matmul the frozen base layer needs anyway; ``ΔW`` is rebuilt
-in the backward pass (one ``irfft2``) rather than kept alive between the passes, so the step holds no extra
-weight-sized buffer per layer. The kernel gradient ``xᵀ dy`` is still returned, so that differentiating the
+The input gradient is ``dy @ (W + ΔW)ᵀ``, the same matmul the frozen base layer needs anyway, with ``ΔW``
+rebuilt in the backward pass ("rebuild"; inside one jitted step XLA merges that build with the forward's), or
+``dy Wᵀ + dy ΔWᵀ`` with ``dy ΔWᵀ`` from the ``rfft(dy)`` table the spectrum gradient uses ("spectral", no ``ΔW``;
+``spectral.input_grad_delta``); bridge's ``choose_input_grad`` picks one per call (``adapted_dot``). The gathers
+and the gather-sum walk frequency-major tables in a loop of row slices (``spectral.frequency_table``): XLA:CPU
+lowers a gather element by element. The kernel gradient ``xᵀ dy`` is still returned, so that differentiating the
 frozen parameters stays correct, but under ``jax.jit`` it is dead code unless asked for.
 
 On a device mesh (``sharding`` = the kernel's ``NamedSharding``) ``ΔW`` is built shard-locally
@@ -31,6 +34,7 @@ layout above moves the (smaller) activations instead. (Measured: a BERT-shaped s
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -44,6 +48,7 @@ from bridge._src.plans import fold, layer_plans
 
 from .layer import LayerSpec
 from .sharding import _dim_axes, _divides, _phase
+from .spectral import frequency_table
 
 
 def _grad_plan(layer: LayerSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -140,18 +145,57 @@ def spectrum_grads(flat_x: jax.Array, flat_dy: jax.Array, layers: tuple, shardin
 
 def _spectrum_grads(flat_x: jax.Array, flat_dy: jax.Array, layers: tuple) -> list[jax.Array]:
     """``∂L/∂c`` of each layer from whole feature rows (one device, or features not sharded)."""
-    # Frequency-major (bins, re/im, tokens) tables: the gathers below then copy whole contiguous rows, which
-    # XLA:CPU does about twice as fast as gathering columns of the (tokens, bins) spectra.
-    x_hat = jnp.fft.rfft(flat_x.astype(jnp.float32), axis=-1)
-    y_hat = jnp.fft.rfft(flat_dy.astype(jnp.float32), axis=-1)
-    x_table = jnp.stack([x_hat.real.T, x_hat.imag.T], axis=1)
-    y_table = jnp.stack([y_hat.real.T, y_hat.imag.T], axis=1)
-    grads = []
-    for layer in layers:
-        col_half, row_half, sign, scale = _grad_plan(layer)
-        products = jnp.sum(y_table[row_half] * x_table[col_half], axis=2)
-        grads.append(scale * (products[:, 0] - sign * products[:, 1]))
-    return grads
+    x_table, y_table = frequency_table(flat_x), frequency_table(flat_dy)
+    return [gather_sum(x_table, y_table, layer) for layer in layers]
+
+
+def input_bins(layers: Sequence[LayerSpec]) -> np.ndarray:
+    """The distinct ``rfft(x)`` bins the spectrum gradients of ``layers`` (one kernel's adapters) read, sorted.
+
+    Example:
+        >>> layer = LayerSpec(("q",), in_features=3072, out_features=768, n_frequency=1000, scaling=1.0, seed=0)
+        >>> int(input_bins([layer]).size) < 3072 // 2 + 1
+        True
+    """
+    return np.unique(np.concatenate([_grad_plan(layer)[0] for layer in layers])).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _sorted_grad_plan(layer: LayerSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    # Walk the coefficients by (dy bin, x bin): consecutive steps then reread rows that are still in cache.
+    col_half, row_half, sign, scale = _grad_plan(layer)
+    order = np.lexsort((col_half, row_half))
+    return np.argsort(order).astype(np.int32), col_half[order], row_half[order], sign[order], scale
+
+
+def gather_sum(x_table: jax.Array, y_table: jax.Array, layer: LayerSpec,
+               x_bins: Optional[np.ndarray] = None) -> jax.Array:
+    """``∂L/∂c`` of ``layer`` from the frequency-major tables of ``x`` and ``dy`` (``spectral.frequency_table``):
+    ``scale · Σ_b (Re Ŷ Re X̂ − sign·Im Ŷ Im X̂)`` at the positions' bins, a loop of row slices.
+
+    ``x_bins`` (sorted, static) names the ``rfft(x)`` bins ``x_table``'s rows hold, where it holds only those
+    (``input_bins``); None: all of them.
+
+    Example:
+        >>> import numpy as np
+        >>> layer = LayerSpec(("q",), in_features=6, out_features=4, n_frequency=5, scaling=3.0, seed=777)
+        >>> x, dy = jnp.ones((2, 6)), jnp.ones((2, 4))
+        >>> g = gather_sum(frequency_table(x), frequency_table(dy), layer)
+        >>> bool(jnp.allclose(g, _spectrum_grads(x, dy, (layer,))[0]))
+        True
+    """
+    inverse, cols, rows, sign, scale = _sorted_grad_plan(layer)
+    if x_bins is not None:
+        cols = np.searchsorted(x_bins, cols).astype(np.int32)
+    cols, rows = jnp.asarray(cols), jnp.asarray(rows)
+
+    def body(i, acc):
+        a = jax.lax.dynamic_index_in_dim(y_table, rows[i], 0, keepdims=False)
+        b = jax.lax.dynamic_index_in_dim(x_table, cols[i], 0, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(acc, jnp.sum(a * b, axis=-1), i, 0)
+
+    products = jax.lax.fori_loop(0, inverse.size, body, jnp.zeros((inverse.size, 2), jnp.float32))
+    return (scale * (products[:, 0] - sign * products[:, 1]))[inverse]
 
 
 # Mesh axes by these names split the batch (data parallel / FSDP); a kernel axis split along one of them is
