@@ -11,8 +11,9 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -628,21 +629,14 @@ class FourierFTModel(nn.Module):
             tensors = {renames.get(k, k): v for k, v in load_file(path).items()}
         except Exception as error:
             raise bridge.AdapterFormatError(f"{path}: cannot read the tensors (truncated or corrupt?): {error}") from None
-        bad = [key.key for key in keys
-               if tensors[key.key].is_floating_point() and not torch.isfinite(tensors[key.key].float()).all()]
-        if bad:
-            raise bridge.AdapterFormatError(f"{path}: NaN or inf values in {', '.join(repr(k) for k in bad)}")
+        _refuse_nonfinite(keys, tensors, path)
         # Validated: now mutate.
         state = torch.random.get_rng_state()
         try:
             self._inject(adapter_name, config, targets, saved)
         finally:
             torch.random.set_rng_state(state)  # loading must not consume the caller's random stream
-        layers, wrappers, logical = self._fourier_layers(), self._wrappers(), self._logical_state()
-        with torch.no_grad():
-            for key in keys:
-                target = self._tensor_for(key, adapter_name, layers, wrappers, logical)
-                target.copy_(tensors[key.key].to(device=target.device, dtype=target.dtype))
+        self._copy_tensors(adapter_name, keys, tensors)
         if not any(name in self.peft_config for name in self.active_adapters) or len(self.peft_config) == 1:
             self.active_adapter = adapter_name
         self._refresh()
@@ -710,8 +704,6 @@ class FourierFTModel(nn.Module):
 
     def _plan_many(self, read: list) -> list[tuple]:
         """Per folder: ``(config, targets, saved, keys, tensors)`` checked against this model; no mutation."""
-        import numpy as np
-
         shapes = {name: tuple(t.shape) for name, t in self._logical_state().items()}
         adapted = set(self._fourier_layers())
         planned: dict[str, tuple] = {}
@@ -729,10 +721,7 @@ class FourierFTModel(nn.Module):
             tensors = {renames.get(k, k): v for k, v in adapter.tensors.items()}
             where = f"adapter {i} ({adapter.name!r}, {adapter.folder})"
             check_adapter_shapes(keys, {k: v.shape for k, v in tensors.items()}, source=where)
-            bad = [k.key for k in keys if np.issubdtype(tensors[k.key].dtype, np.floating)
-                   and not np.isfinite(tensors[k.key]).all()]
-            if bad:
-                raise bridge.AdapterFormatError(f"{where}: NaN or inf values in {', '.join(repr(k) for k in bad)}")
+            _refuse_nonfinite(keys, tensors, where)
             out.append((config, targets, saved, keys, tensors))
         return out
 
@@ -766,6 +755,19 @@ class FourierFTModel(nn.Module):
         self.active_adapter = adapter_name
         self.load_adapter(directory, adapter_name, is_trainable=is_trainable)
         return self
+
+
+def _refuse_nonfinite(keys: Sequence[AdapterKey], tensors: Mapping[str, Any], where: Any) -> None:
+    """``AdapterFormatError`` naming every float tensor of ``keys`` (torch or numpy) that holds NaN or inf."""
+    def finite(value: Any) -> bool:
+        if isinstance(value, torch.Tensor):
+            return not value.is_floating_point() or bool(torch.isfinite(value.float()).all())
+        value = np.asarray(value)
+        return not np.issubdtype(value.dtype, np.floating) or bool(np.isfinite(value).all())
+
+    bad = [key.key for key in keys if not finite(tensors[key.key])]
+    if bad:
+        raise bridge.AdapterFormatError(f"{where}: NaN or inf values in {', '.join(repr(k) for k in bad)}")
 
 
 def get_fourierft_model(
